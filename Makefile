@@ -1,0 +1,28 @@
+# `make train` and `make test` create .venv and install the project when it is missing.
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: train test lint fmt bench clean
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	# torch/torchvision first, pinned to the releases this machine serves from disk;
+	# pyproject only asks for ranges, so GPU users get their own builds.
+	$(BIN)/pip install -q "torch==2.14.1" "torchvision==0.29.1" || $(BIN)/pip install -q torch torchvision
+	$(BIN)/pip install -q -e ".[dev]"
+	touch $(STAMP)
+
+train: $(STAMP)
+	$(BIN)/sidpipe train $(ARGS)
+
+lint: $(STAMP)
+	$(BIN)/ruff check sidpipe tests benchmarks
+
+test: $(STAMP) lint
+	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+
+clean:
+	rm -rf $(VENV) outputs multirun .pytest_cache .ruff_cache

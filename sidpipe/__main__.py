@@ -1,0 +1,3 @@
+from sidpipe.cli import main
+
+main()

@@ -1,0 +1,252 @@
+"""Typed configuration: one dataclass per concern, registered with hydra's ConfigStore.
+
+The dataclasses are the schema: hydra rejects a misspelt key or a wrong type before any
+work starts, and ``__post_init__`` checks ranges and cross-field constraints with messages
+that name the full key (``pipeline.stages must be >= 1``). ``OmegaConf.to_object`` at
+start-up runs those checks; tests build ``Config(...)`` directly and get the same checks.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import Any
+
+from hydra.core.config_store import ConfigStore
+
+
+class ConfigError(ValueError):
+    """A bad setting, reported in one line that names the key."""
+
+
+def _check(ok: bool, message: str) -> None:
+    if not ok:
+        raise ConfigError(message)
+
+
+class Method(str, Enum):
+    sid = "sid"
+    bp = "bp"
+
+
+class Variant(str, Enum):
+    blockwise = "blockwise"
+    shared = "shared"
+
+
+class KLDirection(str, Enum):
+    forward = "forward"
+    reverse = "reverse"
+
+
+class Schedule(str, Enum):
+    gpipe = "gpipe"
+    onef1b = "1f1b"
+
+
+class Device(str, Enum):
+    auto = "auto"
+    cpu = "cpu"
+    cuda = "cuda"
+
+
+class Transport(str, Enum):
+    auto = "auto"  # NCCL on CUDA, gloo on CPU
+    gloo = "gloo"
+    nccl = "nccl"
+    staged = "staged"  # CUDA tensors copied through pinned host memory over gloo
+
+
+class Precision(str, Enum):
+    fp32 = "fp32"
+    bf16 = "bf16"
+
+
+@dataclass
+class ModelConfig:
+    name: str = "mlp"
+    blocks: int | None = None  # group the model's natural layers into this many blocks
+    width: int = 256  # mlp hidden width
+    depth: int = 4  # mlp layers
+    head_hidden: int = 256  # belief-head hidden width; 0 = linear head
+
+    def __post_init__(self) -> None:
+        from sidpipe.models import MODEL_NAMES
+
+        _check(
+            self.name in MODEL_NAMES,
+            f"model.name={self.name!r} is unknown; choose one of {', '.join(MODEL_NAMES)}",
+        )
+        _check(self.blocks is None or self.blocks >= 1, f"model.blocks must be >= 1 (got {self.blocks})")
+        _check(self.width >= 1, f"model.width must be >= 1 (got {self.width})")
+        _check(self.depth >= 1, f"model.depth must be >= 1 (got {self.depth})")
+        _check(self.head_hidden >= 0, f"model.head_hidden must be >= 0 (got {self.head_hidden})")
+
+
+@dataclass
+class DataConfig:
+    name: str = "digits"
+    root: str | None = None  # else $SIDPIPE_DATA, else ./data
+    download: bool = False
+    val_fraction: float = 0.0  # held out of train for model selection
+    label_noise: float = 0.0  # symmetric noise on training labels
+    augment: bool | None = None  # None = dataset default (crop+flip for CIFAR)
+    subset: int | None = None  # keep the first N training samples (quick runs)
+
+    def __post_init__(self) -> None:
+        from sidpipe.data import DATASET_NAMES
+
+        _check(
+            self.name in DATASET_NAMES,
+            f"data.name={self.name!r} is unknown; choose one of {', '.join(DATASET_NAMES)}",
+        )
+        _check(0.0 <= self.val_fraction < 1.0, f"data.val_fraction must be in [0, 1) (got {self.val_fraction})")
+        _check(0.0 <= self.label_noise < 1.0, f"data.label_noise must be in [0, 1) (got {self.label_noise})")
+        _check(self.subset is None or self.subset >= 1, f"data.subset must be >= 1 (got {self.subset})")
+
+
+@dataclass
+class SIDConfig:
+    variant: Variant = Variant.blockwise
+    alpha: float = 0.5  # weight of label fidelity vs consistency with the previous belief
+    kl_direction: KLDirection = KLDirection.forward
+    label_smoothing: float = 0.0
+    modules: int = 5  # number of belief modules of the `shared` variant
+    accumulate_steps: int = 1  # messages per optimizer step (DESIGN §3)
+
+    def __post_init__(self) -> None:
+        _check(0.0 <= self.alpha <= 1.0, f"sid.alpha must be in [0, 1] (got {self.alpha})")
+        _check(
+            0.0 <= self.label_smoothing < 1.0,
+            f"sid.label_smoothing must be in [0, 1) (got {self.label_smoothing})",
+        )
+        _check(self.modules >= 1, f"sid.modules must be >= 1 (got {self.modules})")
+        _check(self.accumulate_steps >= 1, f"sid.accumulate_steps must be >= 1 (got {self.accumulate_steps})")
+
+
+@dataclass
+class PipelineConfig:
+    stages: int = 1  # processes; 1 = single process
+    partition: list[int] | None = None  # S-1 cut points (block index where each later stage starts)
+    schedule: Schedule = Schedule.gpipe  # BP only
+    microbatches: int = 4  # BP schedules only; a SID message is one batch
+    queue_depth: int = 2  # outstanding isends per stage (backpressure)
+    timeout_s: float = 120.0  # any wait on another process fails after this
+    transport: Transport = Transport.auto
+    trace: bool = False  # Chrome-trace JSON of every stage's spans
+    threads: int = 1  # torch threads per stage process
+
+    def __post_init__(self) -> None:
+        _check(self.stages >= 1, f"pipeline.stages must be >= 1 (got {self.stages})")
+        _check(self.microbatches >= 1, f"pipeline.microbatches must be >= 1 (got {self.microbatches})")
+        _check(self.queue_depth >= 1, f"pipeline.queue_depth must be >= 1 (got {self.queue_depth})")
+        _check(self.timeout_s > 0, f"pipeline.timeout_s must be > 0 (got {self.timeout_s})")
+        _check(self.threads >= 1, f"pipeline.threads must be >= 1 (got {self.threads})")
+        if self.partition is not None:
+            _check(
+                len(self.partition) == self.stages - 1,
+                f"pipeline.partition={list(self.partition)} must list pipeline.stages-1="
+                f"{self.stages - 1} cut points",
+            )
+
+
+@dataclass
+class OptimConfig:
+    name: str = "adam"  # adam | adamw | sgd
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    momentum: float = 0.9  # sgd only
+    schedule: str = "none"  # none | cosine (over the run's total steps)
+
+    def __post_init__(self) -> None:
+        _check(self.name in ("adam", "adamw", "sgd"), f"optim.name={self.name!r} must be adam, adamw or sgd")
+        _check(self.lr > 0, f"optim.lr must be > 0 (got {self.lr})")
+        _check(self.weight_decay >= 0, f"optim.weight_decay must be >= 0 (got {self.weight_decay})")
+        _check(self.schedule in ("none", "cosine"), f"optim.schedule={self.schedule!r} must be none or cosine")
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 10
+    batch_size: int = 64
+    max_steps: int | None = None  # stop after this many batches in total
+    eval_batch_size: int = 500
+    log_every: int = 20  # steps between metrics.jsonl lines
+    eval_every_epoch: bool = True
+
+    def __post_init__(self) -> None:
+        _check(self.epochs >= 1, f"train.epochs must be >= 1 (got {self.epochs})")
+        _check(self.batch_size >= 1, f"train.batch_size must be >= 1 (got {self.batch_size})")
+        _check(self.max_steps is None or self.max_steps >= 1, f"train.max_steps must be >= 1 (got {self.max_steps})")
+        _check(self.eval_batch_size >= 1, f"train.eval_batch_size must be >= 1 (got {self.eval_batch_size})")
+        _check(self.log_every >= 1, f"train.log_every must be >= 1 (got {self.log_every})")
+
+
+@dataclass
+class WandbConfig:
+    project: str = "sidpipe"
+    entity: str | None = None
+    mode: str = "offline"  # offline | online | disabled
+
+    def __post_init__(self) -> None:
+        _check(self.mode in ("offline", "online", "disabled"), f"logger.wandb.mode={self.mode!r} must be offline, online or disabled")
+
+
+@dataclass
+class LoggerConfig:
+    name: str = "console"  # console | wandb (JSONL is always written)
+    wandb: WandbConfig = field(default_factory=WandbConfig)
+
+    def __post_init__(self) -> None:
+        _check(self.name in ("console", "wandb"), f"logger.name={self.name!r} must be console or wandb")
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    method: Method = Method.sid
+    sid: SIDConfig = field(default_factory=SIDConfig)
+    pipeline: PipelineConfig = field(default_factory=PipelineConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    logger: LoggerConfig = field(default_factory=LoggerConfig)
+    seed: int = 0
+    device: Device = Device.auto
+    precision: Precision = Precision.fp32
+    run_dir: str | None = None  # filled from hydra's output dir when None
+    progress: bool | None = None  # progress bar; None = only on an interactive terminal
+
+    def __post_init__(self) -> None:
+        # Cross-field checks: things no single group can know.
+        if self.method is Method.sid and self.sid.variant is Variant.shared:
+            _check(
+                self.pipeline.stages == 1,
+                "sid.variant=shared trains its extractor with the sum of every module's gradient, "
+                "so it cannot be pipelined: use pipeline.stages=1 or sid.variant=blockwise",
+            )
+        if self.method is Method.bp and self.pipeline.stages > 1:
+            _check(
+                self.train.batch_size % self.pipeline.microbatches == 0,
+                f"train.batch_size={self.train.batch_size} is not divisible by "
+                f"pipeline.microbatches={self.pipeline.microbatches}",
+            )
+            if self.pipeline.schedule is Schedule.onef1b:
+                _check(
+                    self.pipeline.microbatches >= self.pipeline.stages,
+                    f"pipeline.schedule=1f1b needs pipeline.microbatches >= pipeline.stages "
+                    f"(got {self.pipeline.microbatches} < {self.pipeline.stages})",
+                )
+
+
+def register_configs() -> None:
+    """Expose the schema to hydra: `base_config` is the root, groups validate against it."""
+    cs = ConfigStore.instance()
+    cs.store(name="base_config", node=Config)
+
+
+def to_dict(cfg: Config) -> dict[str, Any]:
+    """Plain, JSON-friendly dict of a config (enums as their values)."""
+    from omegaconf import OmegaConf
+
+    return OmegaConf.to_container(OmegaConf.structured(cfg), enum_to_str=True)  # type: ignore[return-value]

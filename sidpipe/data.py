@@ -1,0 +1,460 @@
+"""The data layer: load a dataset into RAM as uint8 tensors and iterate it in seeded batches.
+
+Every dataset here fits in memory (CIFAR-10 is 150 MB as uint8), so there is no DataLoader and
+no worker process: rank 0 of the pipeline owns a `Batches` and slices tensors directly. That
+keeps the order of samples a pure function of (seed, epoch), which the pipeline-equivalence
+tests and mid-epoch resume both depend on.
+
+Sources, all offline-first (DESIGN.md §4-§5):
+  digits         sklearn's bundled 8x8 digits (1,797 images), fixed stratified 80/20 split
+                 (random_state=0 -> 1,437 train / 360 test). No files, no network.
+  mnist          <root>/MNIST/raw/*-idx?-ubyte[.gz], read directly (nothing is written, so a
+  fashion_mnist  read-only root works); <root>/FashionMNIST/raw/ likewise.
+  cifar10        <root>/cifar-10-batches-py (torchvision), else the 4,000/1,000 subset at
+                 <root>/CIFAR10/cifar10_subset.npz (with a warning).
+  cifar100       <root>/cifar-100-python (torchvision), fine labels.
+With data.download=true a missing dataset is fetched with torchvision into <root> (needs
+network and a writable root); otherwise a missing dataset is a DataError that names the path.
+
+Order of operations on the training set: subset (first N) -> stratified validation hold-out
+(labels clean) -> symmetric label noise on what is left for training. Test is never touched.
+"""
+
+from __future__ import annotations
+
+import gzip
+import logging
+import math
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+log = logging.getLogger(__name__)
+
+DATASET_NAMES = ("digits", "mnist", "fashion_mnist", "cifar10", "cifar100")
+
+# Per-channel mean/std of the training pixels scaled to [0, 1]. The CIFAR stds are the true
+# per-pixel stds (0.247...), not the often-copied 0.2023/0.1994/0.2010 (std of image means).
+# digits has no canonical constants: they are computed from its fixed training split.
+_STATS: dict[str, tuple[tuple[float, ...], tuple[float, ...]]] = {
+    "mnist": ((0.1307,), (0.3081,)),
+    "fashion_mnist": ((0.2860,), (0.3530,)),
+    "cifar10": ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
+    "cifar100": ((0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)),
+}
+
+_IDX_FILES = (
+    "train-images-idx3-ubyte",
+    "train-labels-idx1-ubyte",
+    "t10k-images-idx3-ubyte",
+    "t10k-labels-idx1-ubyte",
+)
+_IDX_DIRS = {"mnist": "MNIST", "fashion_mnist": "FashionMNIST"}
+
+# Stream tags: each random decision gets its own stream derived from the run seed, so adding a
+# validation split does not change the label noise, and shuffling does not change augmentation.
+_VAL, _NOISE, _SHUFFLE, _AUGMENT = 1, 2, 3, 4
+_PAD = 4  # random-crop padding in pixels (the standard CIFAR recipe)
+
+
+class DataError(RuntimeError):
+    """A dataset cannot be provided; the message is one user-facing line saying what to do."""
+
+
+class DataConfigError(DataError, ValueError):
+    """A data.* setting is invalid. Both a DataError and a ValueError, so either catch works."""
+
+
+@dataclass
+class Split:
+    x: Tensor  # uint8 (N, C, H, W); Batches turns it into normalised float32
+    y: Tensor  # int64 (N,); for a noisy training split, the noisy labels
+    y_clean: Tensor | None = None  # the original labels when label noise was applied, else None
+
+    def __len__(self) -> int:
+        return int(self.y.shape[0])
+
+
+@dataclass
+class DataBundle:
+    name: str
+    train: Split
+    val: Split | None
+    test: Split
+    in_shape: tuple[int, int, int]  # (C, H, W)
+    num_classes: int
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    augment: bool  # random crop (pad 4) + hflip on training batches
+    noise_rate: float  # realised fraction of training labels changed by label noise
+
+
+# ----------------------------------------------------------------------------- helpers
+
+
+def resolve_root(root: str | os.PathLike[str] | None) -> Path:
+    """data.root if given, else $SIDPIPE_DATA, else ./data (DESIGN.md §4). Empty means unset."""
+    chosen = root or os.environ.get("SIDPIPE_DATA") or "data"
+    return Path(chosen).expanduser().absolute()
+
+
+def _seed_for(*keys: int) -> int:
+    """Mix integers into one 63-bit seed. SeedSequence hashes well and accepts any non-negative
+    ints, so seed, epoch and batch index cannot collide the way seed + epoch would."""
+    entropy = [k % 2**64 for k in keys]  # negative seeds are legal for the user
+    state = np.random.SeedSequence(entropy).generate_state(2, np.uint32)
+    return (int(state[0]) << 31 | int(state[1])) & (2**63 - 1)
+
+
+def _rng(*keys: int) -> np.random.Generator:
+    return np.random.default_rng(_seed_for(*keys))
+
+
+def _torch_gen(*keys: int) -> torch.Generator:
+    return torch.Generator().manual_seed(_seed_for(*keys))
+
+
+def _one_line(e: BaseException) -> str:
+    """torchvision's download errors span lines; DataError messages must not."""
+    return " ".join(str(e).split())
+
+
+def _split(x: np.ndarray | Tensor, y: np.ndarray | Tensor) -> Split:
+    x = torch.as_tensor(x, dtype=torch.uint8)
+    y = torch.as_tensor(np.asarray(y), dtype=torch.int64)
+    assert x.ndim == 4 and x.shape[0] == y.shape[0], (x.shape, y.shape)
+    return Split(x=x.contiguous(), y=y)
+
+
+# ----------------------------------------------------------------------------- readers
+
+
+def _load_digits() -> tuple[Split, Split, tuple[float, ...], tuple[float, ...]]:
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+
+    d = load_digits()
+    # Pixels are 0..16; scale to uint8 0..255 so every dataset shares one normalisation path.
+    x = np.rint(d.images * (255.0 / 16.0)).astype(np.uint8)[:, None]
+    y = d.target.astype(np.int64)
+    tr, te = train_test_split(np.arange(len(y)), test_size=0.2, stratify=y, random_state=0)
+    tr, te = np.sort(tr), np.sort(te)  # keep the file order: "first N" stays meaningful
+    xf = x[tr].astype(np.float64) / 255.0
+    mean, std = (round(float(xf.mean()), 4),), (round(float(xf.std()), 4),)
+    return _split(x[tr], y[tr]), _split(x[te], y[te]), mean, std
+
+
+def _read_idx(path: Path) -> np.ndarray:
+    """Parse an IDX file (optionally gzipped) without torchvision, which would try to write."""
+    try:
+        opener = gzip.open if path.suffix == ".gz" else open
+        with opener(path, "rb") as f:
+            data = bytearray(f.read())  # bytearray -> writable numpy view, no extra copy
+    except (OSError, EOFError) as e:
+        raise DataError(f"cannot read {path}: {e}") from e
+    magic = int.from_bytes(data[:4], "big")
+    if magic >> 8 != 0x08:  # 0x08 = unsigned byte; MNIST-style files use nothing else
+        raise DataError(f"{path} is not a uint8 IDX file (magic {magic:#x})")
+    ndim = magic & 0xFF
+    dims = [int.from_bytes(data[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim)]
+    arr = np.frombuffer(data, np.uint8, offset=4 + 4 * ndim)
+    if arr.size != math.prod(dims):
+        raise DataError(f"{path} is truncated: header says {dims}, found {arr.size} values")
+    return arr.reshape(dims)
+
+
+def _find_idx(raw: Path) -> tuple[list[Path], list[Path]]:
+    """Return (found, missing): the .gz is preferred; an extracted file (torchvision leaves
+    both) is accepted too. Missing ones are reported by their .gz name."""
+    found, missing = [], []
+    for stem in _IDX_FILES:
+        gz, plain = raw / f"{stem}.gz", raw / stem
+        if gz.is_file():
+            found.append(gz)
+        elif plain.is_file():
+            found.append(plain)
+        else:
+            missing.append(gz)
+    return found, missing
+
+
+def _load_idx_dataset(name: str, root: Path, download: bool) -> tuple[Split, Split]:
+    folder = _IDX_DIRS[name]
+    raw = root / folder / "raw"
+    found, missing = _find_idx(raw)
+    if missing and download:
+        import torchvision
+
+        cls = getattr(torchvision.datasets, folder)  # MNIST / FashionMNIST
+        try:
+            cls(str(root), train=True, download=True)
+            cls(str(root), train=False, download=True)
+        except Exception as e:  # any failure here means "could not download"
+            raise DataError(
+                f"{folder} is not in {raw} and downloading it failed (offline? "
+                f"{type(e).__name__}: {_one_line(e)}); "
+                f"with no network, copy the four IDX .gz files into {raw}"
+            ) from e
+        found, missing = _find_idx(raw)
+    if missing:
+        more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+        raise DataError(
+            f"{folder} not found: missing {missing[0]}{more}. Copy the four IDX files "
+            f"({', '.join(s + '.gz' for s in _IDX_FILES)}) into {raw}, or point data.root / "
+            f"SIDPIPE_DATA at a folder containing {folder}/raw/, or pass data.download=true "
+            f"(needs network)"
+        )
+    xtr, ytr, xte, yte = (_read_idx(p) for p in found)
+    if xtr.shape[0] != ytr.shape[0] or xte.shape[0] != yte.shape[0]:
+        raise DataError(f"{raw}: image and label counts differ; the files are inconsistent")
+    return _split(xtr[:, None], ytr), _split(xte[:, None], yte)
+
+
+def _from_torchvision(cls: Any, root: Path, download: bool) -> tuple[Split, Split]:
+    """CIFAR python batches via torchvision: HWC uint8 `.data` and a `.targets` list."""
+    out = []
+    for train in (True, False):
+        ds = cls(str(root), train=train, download=download)
+        out.append(_split(np.ascontiguousarray(ds.data.transpose(0, 3, 1, 2)), ds.targets))
+    return out[0], out[1]
+
+
+def _load_cifar(name: str, root: Path, download: bool) -> tuple[Split, Split]:
+    import torchvision
+
+    cls, folder = {
+        "cifar10": (torchvision.datasets.CIFAR10, "cifar-10-batches-py"),
+        "cifar100": (torchvision.datasets.CIFAR100, "cifar-100-python"),
+    }[name]
+    full = root / folder
+    subset = root / "CIFAR10" / "cifar10_subset.npz"
+    if full.is_dir():
+        try:
+            return _from_torchvision(cls, root, download=False)
+        except RuntimeError as e:  # torchvision: "Dataset not found or corrupted"
+            raise DataError(f"{full} exists but could not be loaded ({e}); re-extract it") from e
+    if name == "cifar10" and subset.is_file():
+        log.warning(
+            "cifar10: %s not found; using the 4,000-train / 1,000-test subset %s "
+            "(accuracies are not comparable with full CIFAR-10)",
+            full,
+            subset,
+        )
+        with np.load(subset) as z:  # plain arrays, no pickle
+            tr = _split(z["x_train"].transpose(0, 3, 1, 2), z["y_train"])
+            te = _split(z["x_test"].transpose(0, 3, 1, 2), z["y_test"])
+        return tr, te
+    if download:
+        try:
+            return _from_torchvision(cls, root, download=True)
+        except Exception as e:  # any failure here means "could not download"
+            raise DataError(
+                f"{name} is not in {full} and downloading it failed (offline? "
+                f"{type(e).__name__}: {_one_line(e)}); "
+                f"with no network, extract the python-version archive so that {full} exists"
+            ) from e
+    hint = f", or put the subset at {subset}" if name == "cifar10" else ""
+    raise DataError(
+        f"{name} not found: missing {full}. Extract the CIFAR python-version archive into "
+        f"{root}{hint}, or point data.root / SIDPIPE_DATA at a folder that has it, "
+        f"or pass data.download=true (needs network)"
+    )
+
+
+# ----------------------------------------------------------------------------- transforms
+
+
+def _stratified_holdout(
+    y: np.ndarray, fraction: float, rng: np.random.Generator
+) -> tuple[np.ndarray, np.ndarray]:
+    """Split indices into (train, val) with round(fraction * N) val samples, allotted to classes
+    by largest remainder so each class keeps its share. Both index lists come back sorted."""
+    classes, counts = np.unique(y, return_counts=True)
+    quota = fraction * counts
+    take = np.floor(quota).astype(np.int64)
+    short = int(math.floor(fraction * len(y) + 0.5)) - int(take.sum())
+    take[np.argsort(-(quota - take), kind="stable")[:short]] += 1
+    val = [
+        np.flatnonzero(y == c)[rng.permutation(n)[:k]]
+        for c, n, k in zip(classes, counts, take, strict=True)
+    ]
+    val_idx = np.sort(np.concatenate(val))
+    train_mask = np.ones(len(y), dtype=bool)
+    train_mask[val_idx] = False
+    return np.flatnonzero(train_mask), val_idx
+
+
+def _symmetric_noise(
+    y: np.ndarray, rate: float, num_classes: int, rng: np.random.Generator
+) -> np.ndarray:
+    """Each label with probability `rate` becomes a uniformly drawn *different* class: adding a
+    shift in 1..K-1 modulo K can never land on the original. Sample i uses row i of one
+    (N, 2) draw, so the noise on a prefix (data.subset) matches the noise of the full set."""
+    u = rng.random((len(y), 2))
+    flip = u[:, 0] < rate
+    shift = 1 + np.floor(u[:, 1] * (num_classes - 1)).astype(np.int64)
+    return np.where(flip, (y + shift) % num_classes, y)
+
+
+def _take(s: Split, idx: np.ndarray) -> Split:
+    t = torch.from_numpy(idx)
+    return Split(x=s.x[t], y=s.y[t])
+
+
+# ----------------------------------------------------------------------------- load_data
+
+
+def _number(cfg: Any, key: str, default: float) -> float:
+    v = getattr(cfg, key, default)
+    if isinstance(v, bool) or not isinstance(v, int | float) or not 0.0 <= v < 1.0:
+        raise DataConfigError(f"data.{key} must be a number in [0, 1) (got {v!r})")
+    return float(v)
+
+
+def load_data(cfg: Any, seed: int) -> DataBundle:
+    """Load the dataset described by `cfg` (a DataConfig or anything with the same attributes;
+    missing ones take their defaults) and apply subset, validation hold-out and label noise."""
+    name = getattr(cfg, "name", "digits")
+    if name not in DATASET_NAMES:
+        raise DataConfigError(
+            f"data.name={name!r} is unknown; choose one of {', '.join(DATASET_NAMES)}"
+        )
+    val_fraction = _number(cfg, "val_fraction", 0.0)
+    label_noise = _number(cfg, "label_noise", 0.0)
+    subset = getattr(cfg, "subset", None)
+    bad_subset = isinstance(subset, bool) or not isinstance(subset, int) or subset < 1
+    if subset is not None and bad_subset:
+        raise DataConfigError(f"data.subset must be a positive integer or null (got {subset!r})")
+    augment = getattr(cfg, "augment", None)
+    if augment is not None and not isinstance(augment, bool):
+        raise DataConfigError(f"data.augment must be true, false or null (got {augment!r})")
+    download = bool(getattr(cfg, "download", False))
+
+    if name == "digits":
+        train, test, mean, std = _load_digits()
+    else:
+        root = resolve_root(getattr(cfg, "root", None))
+        if name in _IDX_DIRS:
+            train, test = _load_idx_dataset(name, root, download)
+        else:
+            train, test = _load_cifar(name, root, download)
+        mean, std = _STATS[name]
+    num_classes = {"cifar100": 100}.get(name, 10)
+
+    if subset is not None and subset < len(train):
+        train = Split(x=train.x[:subset], y=train.y[:subset])
+
+    val = None
+    if val_fraction > 0:
+        tr_idx, va_idx = _stratified_holdout(train.y.numpy(), val_fraction, _rng(seed, _VAL))
+        if len(va_idx) == 0 or len(tr_idx) == 0:
+            raise DataConfigError(
+                f"data.val_fraction={val_fraction} leaves an empty "
+                f"{'validation' if len(va_idx) == 0 else 'training'} set "
+                f"from {len(train)} training samples"
+            )
+        train, val = _take(train, tr_idx), _take(train, va_idx)
+
+    noise_rate = 0.0
+    if label_noise > 0:
+        clean = train.y.numpy()
+        noisy = _symmetric_noise(clean, label_noise, num_classes, _rng(seed, _NOISE))
+        noise_rate = float((noisy != clean).mean())
+        train = Split(x=train.x, y=torch.from_numpy(noisy), y_clean=train.y)
+
+    c, h, w = train.x.shape[1:]
+    return DataBundle(
+        name=name,
+        train=train,
+        val=val,
+        test=test,
+        in_shape=(int(c), int(h), int(w)),
+        num_classes=num_classes,
+        mean=tuple(mean),
+        std=tuple(std),
+        augment=name.startswith("cifar") if augment is None else augment,
+        noise_rate=noise_rate,
+    )
+
+
+# ----------------------------------------------------------------------------- batches
+
+
+class Batches:
+    """Deterministic in-memory batch iterator (no DataLoader workers: data is small and in RAM).
+
+    Epoch k's order and augmentation depend only on (seed, k) -- and augmentation of batch b
+    only on (seed, k, b) -- so a resumed run that calls `epoch(k, start=b)` sees exactly the
+    batches an uninterrupted run would have. `device` (an addition to the spec) keeps the uint8
+    data on that device once, so batches are sliced, augmented and normalised there.
+    """
+
+    def __init__(
+        self,
+        split: Split,
+        bundle: DataBundle,
+        batch_size: int,
+        shuffle: bool,
+        seed: int,
+        augment: bool = False,
+        drop_last: bool = False,
+        device: torch.device | str | None = None,
+    ) -> None:
+        if batch_size < 1:
+            raise ValueError(f"train.batch_size must be >= 1 (got {batch_size})")
+        self.split, self.batch_size, self.shuffle = split, batch_size, shuffle
+        self.seed, self.augment, self.drop_last = seed, augment, drop_last
+        self.device = torch.device(device) if device is not None else split.x.device
+        self._x = split.x.to(self.device)
+        self._y = split.y.to(self.device)
+        c = len(bundle.mean)
+        self._mean = torch.tensor(bundle.mean, device=self.device).view(1, c, 1, 1)
+        self._std = torch.tensor(bundle.std, device=self.device).view(1, c, 1, 1)
+
+    def __len__(self) -> int:
+        n = len(self.split)
+        return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
+
+    def epoch(self, epoch: int, start: int = 0) -> Iterator[tuple[Tensor, Tensor]]:
+        """Yield (x float32 normalised (B,C,H,W), y int64 (B,)) for batches start..len-1."""
+        if not 0 <= start <= len(self):
+            raise ValueError(f"start={start} is outside 0..{len(self)} batches per epoch")
+        n = len(self.split)
+        if self.shuffle:
+            order = torch.randperm(n, generator=_torch_gen(self.seed, epoch, _SHUFFLE))
+        else:
+            order = torch.arange(n)
+        return self._iter(order.to(self.device), epoch, start)
+
+    def _iter(self, order: Tensor, epoch: int, start: int) -> Iterator[tuple[Tensor, Tensor]]:
+        bs = self.batch_size
+        for b in range(start, len(self)):
+            idx = order[b * bs : (b + 1) * bs]
+            x = self._x[idx].float().div_(255.0)
+            if self.augment:
+                x = self._augment(x, _torch_gen(self.seed, epoch, b, _AUGMENT))
+            yield x.sub_(self._mean).div_(self._std), self._y[idx]
+
+    def _augment(self, x: Tensor, g: torch.Generator) -> Tensor:
+        """Random crop from a zero-padded (black, as torchvision pads before normalising) image
+        plus a horizontal flip with p=0.5, for the whole batch in one gather."""
+        b, _, h, w = x.shape
+        # Random numbers come from a CPU generator (device-independent), then move to x.
+        dy = torch.randint(0, 2 * _PAD + 1, (b,), generator=g).to(x.device)
+        dx = torch.randint(0, 2 * _PAD + 1, (b,), generator=g).to(x.device)
+        flip = (torch.rand(b, generator=g) < 0.5).to(x.device)
+        padded = torch.nn.functional.pad(x, (_PAD, _PAD, _PAD, _PAD))
+        rows = dy[:, None] + torch.arange(h, device=x.device)  # (B, H)
+        cols = dx[:, None] + torch.arange(w, device=x.device)  # (B, W)
+        # Flipping = reading the crop's columns right to left.
+        cols = torch.where(flip[:, None], cols.flip(1), cols)
+        bi = torch.arange(b, device=x.device)[:, None, None]
+        # Advanced indices around a slice put the indexed dims first: (B, H, W, C).
+        out = padded[bi, :, rows[:, :, None], cols[:, None, :]]
+        return out.permute(0, 3, 1, 2).contiguous()

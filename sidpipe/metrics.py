@@ -1,0 +1,87 @@
+"""Run outputs: atomic JSON writes, the metrics.jsonl stream, memory and timing helpers."""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+
+def atomic_write_json(path: str | Path, obj: Any) -> None:
+    """Write JSON via temp file + rename: a crash never leaves a half-written file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(obj, f, indent=2, default=_json_default)
+            f.write("\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _json_default(obj: Any) -> Any:
+    if hasattr(obj, "value"):  # enums
+        return obj.value
+    if isinstance(obj, torch.Tensor):
+        return obj.tolist()
+    if isinstance(obj, Path):
+        return str(obj)
+    raise TypeError(f"not JSON serialisable: {type(obj).__name__}")
+
+
+class JsonlWriter:
+    """Appends one JSON object per line; flushed each line so a crash keeps what was logged."""
+
+    def __init__(self, path: str | Path) -> None:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        self._f = open(path, "a")
+
+    def write(self, record: dict[str, Any]) -> None:
+        self._f.write(json.dumps(record, default=_json_default) + "\n")
+        self._f.flush()
+
+    def close(self) -> None:
+        self._f.close()
+
+
+def peak_memory_bytes(device: torch.device) -> int:
+    """CUDA: max allocated by this process. CPU: peak resident set size of this process."""
+    if device.type == "cuda":
+        return int(torch.cuda.max_memory_allocated(device))
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return int(rss if sys.platform == "darwin" else rss * 1024)  # Linux reports KiB
+
+
+def current_rss_bytes() -> int:
+    """Current resident set size (Linux /proc; falls back to the peak elsewhere)."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except OSError:
+        return peak_memory_bytes(torch.device("cpu"))
+
+
+class Stopwatch:
+    """Accumulates named durations (seconds) with perf_counter; cheap enough for the hot loop."""
+
+    def __init__(self) -> None:
+        self.totals: dict[str, float] = {}
+        self._t0 = time.perf_counter()
+
+    def add(self, name: str, seconds: float) -> None:
+        self.totals[name] = self.totals.get(name, 0.0) + seconds
+
+    def elapsed(self) -> float:
+        return time.perf_counter() - self._t0

@@ -1,0 +1,162 @@
+"""Model zoo: networks as chains of blocks with one belief head per block.
+
+Each architecture supplies its natural layers (mlp.py, cnn.py, resnet.py, vit.py);
+`build_model` groups them into `cfg.blocks` blocks and attaches a BeliefHead to each.
+Nothing here imports runtime code (no torch.distributed, no trainers).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from sidpipe.models.cnn import simplecnn_layers, vgg11_layers
+from sidpipe.models.heads import BeliefHead, uniform_prior
+from sidpipe.models.mlp import mlp_layers
+from sidpipe.models.partition import StageModule, even_sizes, partition_blocks, stage_modules
+from sidpipe.models.resnet import resnet18_layers
+from sidpipe.models.shared import SharedSIDNet
+from sidpipe.models.vit import vit_tiny_layers
+
+MODEL_NAMES = ("mlp", "simplecnn", "vgg11", "resnet18", "vit_tiny")
+
+__all__ = [
+    "MODEL_NAMES",
+    "BeliefHead",
+    "BlockNet",
+    "SharedSIDNet",
+    "StageModule",
+    "build_model",
+    "natural_layers",
+    "partition_blocks",
+    "stage_modules",
+    "uniform_prior",
+]
+
+
+class BlockNet(nn.Module):
+    """A chain of blocks b_1..b_L, each with a belief head on its output.
+
+    `layers` (the model's natural layers) are grouped into `n_blocks` consecutive
+    nn.Sequential blocks, as evenly as possible (earlier blocks take the extra layer).
+    """
+
+    def __init__(
+        self,
+        layers: Sequence[nn.Module],
+        in_shape: tuple[int, ...],
+        num_classes: int,
+        n_blocks: int | None = None,
+        head_hidden: int = 256,
+        name: str = "model",
+    ) -> None:
+        super().__init__()
+        natural = len(layers)
+        n = natural if n_blocks is None else n_blocks
+        if not 1 <= n <= natural:
+            raise ValueError(
+                f"model.blocks={n_blocks} is out of range: {name} has {natural} natural layers, "
+                f"so model.blocks must be in 1..{natural}"
+            )
+        self.name = name
+        self.in_shape = tuple(int(s) for s in in_shape)
+        self.num_classes = int(num_classes)
+        self.natural_layers = natural
+        self.blocks = nn.ModuleList()
+        start = 0
+        for size in even_sizes(natural, n):
+            self.blocks.append(nn.Sequential(*layers[start : start + size]))
+            start += size
+        self._block_shapes = self._probe_shapes()
+        self.heads = nn.ModuleList(
+            BeliefHead(s, self.num_classes, head_hidden) for s in self._block_shapes
+        )
+
+    @torch.no_grad()
+    def _probe_shapes(self) -> list[tuple[int, ...]]:
+        # eval mode so the probe neither updates BatchNorm statistics nor needs batch > 1
+        modes = [m.training for m in self.modules()]
+        self.eval()
+        try:
+            h = torch.zeros(2, *self.in_shape)
+            shapes = []
+            for block in self.blocks:
+                h = block(h)
+                shapes.append(tuple(h.shape[1:]))
+        finally:
+            for m, mode in zip(self.modules(), modes, strict=True):
+                m.training = mode
+        return shapes
+
+    @property
+    def n_blocks(self) -> int:
+        return len(self.blocks)
+
+    def block_shapes(self) -> list[tuple[int, ...]]:
+        """Output shape (without batch dim) of each block for self.in_shape."""
+        return list(self._block_shapes)
+
+    def forward(self, x: Tensor) -> list[Tensor]:
+        """SID inference: logits at every depth (the last one is the prediction)."""
+        h = x
+        p = uniform_prior(x.shape[0], self.num_classes, device=x.device, dtype=_float(x))
+        logits = []
+        for block, head in zip(self.blocks, self.heads, strict=True):
+            h = block(h)
+            z = head(h, p)
+            p = torch.softmax(z, dim=1)
+            logits.append(z)
+        return logits
+
+    def bp_forward(self, x: Tensor) -> Tensor:
+        """BP baseline: all blocks, then the final head fed the uniform prior."""
+        h = x
+        for block in self.blocks:
+            h = block(h)
+        p = uniform_prior(x.shape[0], self.num_classes, device=x.device, dtype=_float(x))
+        return self.heads[-1](h, p)
+
+
+def _float(x: Tensor) -> torch.dtype:
+    return x.dtype if x.is_floating_point() else torch.get_default_dtype()
+
+
+_BUILDERS: dict[str, Callable[[Any, tuple[int, ...]], list[nn.Module]]] = {
+    "mlp": lambda cfg, s: mlp_layers(s, width=int(cfg.width), depth=int(cfg.depth)),
+    "simplecnn": lambda cfg, s: simplecnn_layers(s),
+    "vgg11": lambda cfg, s: vgg11_layers(s),
+    "resnet18": lambda cfg, s: resnet18_layers(s),
+    "vit_tiny": lambda cfg, s: vit_tiny_layers(s),
+}
+assert tuple(_BUILDERS) == MODEL_NAMES
+
+
+def _check_name(name: str) -> None:
+    if name not in _BUILDERS:
+        raise ValueError(f"model.name={name!r} is unknown; choose one of {', '.join(MODEL_NAMES)}")
+
+
+def natural_layers(cfg: Any, in_shape: tuple[int, ...]) -> list[nn.Module]:
+    """The model's natural layers (before grouping into blocks)."""
+    _check_name(cfg.name)
+    return _BUILDERS[cfg.name](cfg, tuple(int(s) for s in in_shape))
+
+
+def build_model(cfg: Any, in_shape: tuple[int, ...], num_classes: int) -> BlockNet:
+    """Build cfg.name for inputs of `in_shape` and `num_classes` classes.
+
+    cfg needs `name`, `blocks`, `width`, `depth`, `head_hidden` (width/depth only shape the
+    mlp; the conv nets and the ViT have fixed architectures).
+    """
+    layers = natural_layers(cfg, in_shape)
+    return BlockNet(
+        layers,
+        in_shape,
+        num_classes,
+        n_blocks=cfg.blocks,
+        head_hidden=int(cfg.head_hidden),
+        name=cfg.name,
+    )

@@ -1,0 +1,27 @@
+"""The short human-readable report printed at the end of a run."""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+def _mib(n: float) -> str:
+    return f"{n / 2**20:.1f} MiB"
+
+
+def format_report(s: dict[str, Any]) -> str:
+    variant = f"/{s['variant']}" if s.get("variant") else ""
+    lines = [
+        f"== sidpipe: {s['method']}{variant}, {s['stages']} stage(s), {s['model']} on {s['data']} ==",
+        f"test accuracy (last module): {s['test_accuracy']:.4f}",
+        "accuracy per depth: " + " ".join(f"{a:.3f}" for a in s["per_depth_accuracy"]),
+        f"throughput: {s['samples_per_s']:.0f} samples/s   wall: {s['wall_s']:.1f} s",
+    ]
+    for st in s.get("per_stage", []):
+        lines.append(
+            f"  stage {st['stage']}: busy {st['busy_fraction']:.2f}  "
+            f"recv-wait {st.get('recv_wait_fraction', 0.0):.2f}  "
+            f"bytes fwd {_mib(st['bytes_sent_forward'])}  bwd {_mib(st['bytes_sent_backward'])}  "
+            f"peak mem {_mib(st['peak_memory_bytes'])}"
+        )
+    return "\n".join(lines)

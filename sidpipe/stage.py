@@ -1,0 +1,115 @@
+"""What one SID stage computes: forward its modules, then update each from its local loss.
+
+The single-process blockwise trainer is a `SIDStage` over all blocks; a pipeline stage is a
+`SIDStage` over its slice. Both run this same code, so the pipeline can only differ from
+the sequential reference through what the runtime moves (DESIGN §1 "key property").
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Iterable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from sidpipe.config import Config, OptimConfig, Precision
+from sidpipe.loss import sid_loss
+from sidpipe.models.partition import StageModule
+
+
+def build_optimizer(
+    params: Iterable[nn.Parameter], cfg: OptimConfig, total_steps: int
+) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler | None]:
+    params = list(params)
+    if cfg.name == "adam":
+        opt: torch.optim.Optimizer = torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    elif cfg.name == "adamw":
+        opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    else:
+        opt = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    sched = None
+    if cfg.schedule == "cosine":
+        sched = torch.optim.lr_scheduler.LambdaLR(
+            opt, lambda step: 0.5 * (1 + math.cos(math.pi * min(step, total_steps) / max(1, total_steps)))
+        )
+    return opt, sched
+
+
+def autocast(device: torch.device, precision: Precision) -> contextlib.AbstractContextManager:
+    """bf16 autocast for the blocks and heads; losses and beliefs are cast to fp32 by hand."""
+    if precision is Precision.bf16:
+        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+class SIDStage:
+    """Blocks, heads and one optimizer per SID module of a stage."""
+
+    def __init__(self, stage: StageModule, cfg: Config, total_updates: int, device: torch.device):
+        self.stage = stage.to(device)
+        self.cfg = cfg
+        self.device = device
+        self.first = stage.first
+        self.optimizers = []
+        self.schedulers = []
+        for block, head in zip(stage.blocks, stage.heads):
+            opt, sched = build_optimizer(
+                list(block.parameters()) + list(head.parameters()), cfg.optim, total_updates
+            )
+            self.optimizers.append(opt)
+            self.schedulers.append(sched)
+        self.messages = 0  # training messages seen (for sid.accumulate_steps)
+
+    @property
+    def n_modules(self) -> int:
+        return len(self.stage.blocks)
+
+    def forward(self, h: Tensor, p: Tensor, y: Tensor) -> tuple[Tensor, Tensor, list[Tensor], list[Tensor]]:
+        """Training forward. Returns (h_out, p_out) to send on (detached) and per-module losses, logits."""
+        sid = self.cfg.sid
+        losses, logits_all = [], []
+        self.stage.train()
+        with autocast(self.device, self.cfg.precision):
+            for block, head in zip(self.stage.blocks, self.stage.heads):
+                # Stop-gradient on both inputs: a module's loss reaches only its block and head.
+                h = block(h.detach())
+                z = head(h, p.detach())
+                losses.append(sid_loss(z, y, p, sid.alpha, sid.kl_direction, sid.label_smoothing))
+                logits_all.append(z)
+                p = F.softmax(z.float(), dim=-1).detach()
+        return h.detach(), p, losses, logits_all
+
+    def update(self, losses: list[Tensor]) -> None:
+        """Local backward and optimizer step of every module (after the send, so it overlaps)."""
+        k = self.cfg.sid.accumulate_steps
+        for loss in losses:
+            (loss / k if k > 1 else loss).backward()
+        self.messages += 1
+        if self.messages % k == 0:
+            for opt, sched in zip(self.optimizers, self.schedulers):
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+                if sched is not None:
+                    sched.step()
+
+    @torch.no_grad()
+    def eval_forward(self, h: Tensor, p: Tensor) -> tuple[Tensor, Tensor, list[Tensor]]:
+        self.stage.eval()
+        logits_all = []
+        with autocast(self.device, self.cfg.precision):
+            for block, head in zip(self.stage.blocks, self.stage.heads):
+                h = block(h)
+                z = head(h, p)
+                logits_all.append(z.float())
+                p = F.softmax(z.float(), dim=-1)
+        return h, p, logits_all
+
+    def state_dict(self) -> dict:
+        return {
+            "stage": self.stage.state_dict(),
+            "optimizers": [o.state_dict() for o in self.optimizers],
+            "messages": self.messages,
+        }

@@ -1,0 +1,336 @@
+"""Single-process trainers: SID `blockwise`, SID `shared` (the reference algorithm) and BP.
+
+`train_single(cfg, run_dir)` is the exact sequential reference for the pipelines: the
+blockwise trainer runs one `SIDStage` over every block; the BP trainer accumulates gradients
+over `pipeline.microbatches` microbatches per batch, as the GPipe/1F1B schedules do.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from sidpipe.config import Config, Method, Variant, to_dict
+from sidpipe.data import Batches, DataBundle, load_data
+from sidpipe.loss import sid_loss
+from sidpipe.metrics import JsonlWriter, Stopwatch, atomic_write_json, peak_memory_bytes
+from sidpipe.models import BlockNet, build_model
+from sidpipe.models.heads import uniform_prior
+from sidpipe.models.partition import StageModule
+from sidpipe.models.shared import SharedSIDNet
+from sidpipe.stage import SIDStage, autocast, build_optimizer
+
+log = logging.getLogger("sidpipe")
+
+
+class TrainingError(RuntimeError):
+    """A run that cannot go on (NaN loss, ...): the message names the step and the reason."""
+
+
+def select_device(cfg: Config, local_rank: int = 0) -> torch.device:
+    want = cfg.device.value
+    if want == "cuda" and not torch.cuda.is_available():
+        raise TrainingError("device=cuda was asked for but CUDA is not available; use device=cpu or auto")
+    if want == "cuda" or (want == "auto" and torch.cuda.is_available()):
+        return torch.device("cuda", local_rank % max(1, torch.cuda.device_count()))
+    return torch.device("cpu")
+
+
+def seed_everything(seed: int) -> None:
+    torch.manual_seed(seed)
+    torch.use_deterministic_algorithms(False)
+
+
+def build_net(cfg: Config, data: DataBundle) -> nn.Module:
+    """The same seed gives the same initial parameters on every rank and in the reference."""
+    torch.manual_seed(cfg.seed)
+    if cfg.sid.variant is Variant.shared:
+        return SharedSIDNet(data.in_shape, data.num_classes, n_modules=cfg.sid.modules)
+    return build_model(cfg.model, data.in_shape, data.num_classes)
+
+
+def steps_per_epoch(cfg: Config, data: DataBundle) -> int:
+    return math.ceil(len(data.train) / cfg.train.batch_size)
+
+
+def total_steps(cfg: Config, data: DataBundle) -> int:
+    n = cfg.train.epochs * steps_per_epoch(cfg, data)
+    return min(n, cfg.train.max_steps) if cfg.train.max_steps else n
+
+
+def train_batches(cfg: Config, data: DataBundle) -> Batches:
+    return Batches(data.train, data, cfg.train.batch_size, shuffle=True, seed=cfg.seed, augment=data.augment)
+
+
+def eval_splits(cfg: Config, data: DataBundle) -> dict[str, Batches]:
+    splits = {"test": Batches(data.test, data, cfg.train.eval_batch_size, shuffle=False, seed=cfg.seed)}
+    if data.val is not None:
+        splits["val"] = Batches(data.val, data, cfg.train.eval_batch_size, shuffle=False, seed=cfg.seed)
+    return splits
+
+
+def check_finite(loss: Tensor, step: int, where: str) -> None:
+    if not torch.isfinite(loss).all():
+        raise TrainingError(f"{where}: non-finite loss ({loss.item()}) at step {step}")
+
+
+# --------------------------------------------------------------------------------------
+# The three single-process methods: a step function and a per-depth evaluation each.
+
+
+class BlockwiseSID:
+    def __init__(self, cfg: Config, net: BlockNet, total: int, device: torch.device):
+        self.net = net.to(device)
+        self.device = device
+        self.stage = SIDStage(StageModule(net, range(net.n_blocks)), cfg, total, device)
+
+    def step(self, x: Tensor, y: Tensor) -> list[Tensor]:
+        p0 = uniform_prior(x.shape[0], self.net.num_classes, x.device)
+        _, _, losses, _ = self.stage.forward(x, p0, y)
+        self.stage.update(losses)
+        return [loss.detach() for loss in losses]
+
+    def logits(self, x: Tensor) -> list[Tensor]:
+        p0 = uniform_prior(x.shape[0], self.net.num_classes, x.device)
+        return self.stage.eval_forward(x, p0)[2]
+
+
+class SharedSID:
+    """The reference algorithm: two phases per batch, extractor trained by the summed losses."""
+
+    def __init__(self, cfg: Config, net: SharedSIDNet, total: int, device: torch.device):
+        self.cfg, self.net, self.device = cfg, net.to(device), device
+        # One Adam for the extractor and one per module, as the reference code does.
+        self.opts = [build_optimizer(net.extractor.parameters(), cfg.optim, total)]
+        self.opts += [build_optimizer(m.parameters(), cfg.optim, total) for m in net.sid_modules]
+
+    def step(self, x: Tensor, y: Tensor) -> list[Tensor]:
+        sid, net = self.cfg.sid, self.net
+        net.train()
+        with autocast(self.device, self.cfg.precision):
+            z = net.extractor(x)
+            # Phase 1: teacher beliefs with the current parameters, no gradient.
+            with torch.no_grad():
+                beliefs = [uniform_prior(x.shape[0], net.num_classes, x.device)]
+                for g in net.sid_modules:
+                    beliefs.append(F.softmax(g(torch.cat([beliefs[-1], z.detach()], 1)).float(), 1))
+            # Phase 2: every module fits its own loss given the detached previous belief.
+            losses = [
+                sid_loss(g(torch.cat([beliefs[i], z], 1)), y, beliefs[i], sid.alpha, sid.kl_direction,
+                         sid.label_smoothing)
+                for i, g in enumerate(net.sid_modules)
+            ]
+        for opt, _ in self.opts:
+            opt.zero_grad(set_to_none=True)
+        torch.stack(losses).sum().backward()
+        for opt, sched in self.opts:
+            opt.step()
+            if sched is not None:
+                sched.step()
+        return [loss.detach() for loss in losses]
+
+    @torch.no_grad()
+    def logits(self, x: Tensor) -> list[Tensor]:
+        self.net.eval()
+        with autocast(self.device, self.cfg.precision):
+            return [z.float() for z in self.net(x)]
+
+
+class Backprop:
+    """End-to-end cross-entropy on the last head, gradients accumulated over microbatches."""
+
+    def __init__(self, cfg: Config, net: nn.Module, total: int, device: torch.device):
+        self.cfg, self.net, self.device = cfg, net.to(device), device
+        if isinstance(net, SharedSIDNet):  # the reference repo's BP network: the same chain
+            params = list(net.parameters())
+            self._fwd = lambda x: net(x)[-1]
+        else:
+            params = [p for b in net.blocks for p in b.parameters()] + list(net.heads[-1].parameters())
+            self._fwd = net.bp_forward
+        self.opt, self.sched = build_optimizer(params, cfg.optim, total)
+
+    def step(self, x: Tensor, y: Tensor) -> list[Tensor]:
+        self.net.train()
+        m = min(self.cfg.pipeline.microbatches, x.shape[0])
+        total = torch.zeros((), device=x.device)
+        for xm, ym in zip(x.tensor_split(m), y.tensor_split(m)):
+            with autocast(self.device, self.cfg.precision):
+                loss = F.cross_entropy(self._fwd(xm).float(), ym)
+            (loss / m).backward()
+            total += loss.detach() / m
+        self.opt.step()
+        self.opt.zero_grad(set_to_none=True)
+        if self.sched is not None:
+            self.sched.step()
+        return [total]
+
+    @torch.no_grad()
+    def logits(self, x: Tensor) -> list[Tensor]:
+        self.net.eval()
+        with autocast(self.device, self.cfg.precision):
+            return [self._fwd(x).float()]
+
+
+def make_method(cfg: Config, net: nn.Module, total: int, device: torch.device):
+    if cfg.method is Method.bp:
+        return Backprop(cfg, net, total, device)
+    if cfg.sid.variant is Variant.shared:
+        return SharedSID(cfg, net, total, device)
+    return BlockwiseSID(cfg, net, total, device)
+
+
+def evaluate(method: Any, batches: Batches, device: torch.device) -> list[float]:
+    """Accuracy of every depth's belief (the last entry is the network's prediction)."""
+    correct: Tensor | None = None
+    n = 0
+    for x, y in batches.epoch(0):
+        x, y = x.to(device), y.to(device)
+        hits = torch.stack([(z.argmax(-1) == y).sum() for z in method.logits(x)])
+        correct = hits if correct is None else correct + hits
+        n += y.numel()
+    assert correct is not None, "empty evaluation split"
+    return (correct.double() / n).tolist()
+
+
+# --------------------------------------------------------------------------------------
+# Run bookkeeping shared by single-process and pipelined runs.
+
+
+@dataclass
+class History:
+    """Per-epoch evaluations; picks last, best-on-test and validation-selected accuracy."""
+
+    epochs: list[dict[str, Any]] = field(default_factory=list)
+
+    def add(self, record: dict[str, Any]) -> None:
+        self.epochs.append(record)
+
+    def selection(self) -> dict[str, Any]:
+        if not self.epochs:
+            return {}
+        best_test = max(self.epochs, key=lambda r: r["test_per_depth"][-1])
+        out = {
+            "best_epoch_test_accuracy": best_test["test_per_depth"][-1],
+            "best_epoch": best_test["epoch"],
+        }
+        with_val = [r for r in self.epochs if "val_per_depth" in r]
+        if with_val:
+            chosen = max(with_val, key=lambda r: r["val_per_depth"][-1])
+            out["val_selected_epoch"] = chosen["epoch"]
+            out["val_selected_test_accuracy"] = chosen["test_per_depth"][-1]
+            out["val_accuracy"] = chosen["val_per_depth"][-1]
+        return out
+
+
+def write_summary(run_dir: Path, cfg: Config, data: DataBundle, result: dict[str, Any]) -> dict[str, Any]:
+    summary = {
+        "method": cfg.method.value,
+        "variant": cfg.sid.variant.value if cfg.method is Method.sid else None,
+        "stages": cfg.pipeline.stages,
+        "model": cfg.model.name,
+        "data": cfg.data.name,
+        "precision": cfg.precision.value,
+        "seed": cfg.seed,
+        "label_noise_rate": data.noise_rate,
+        **result,
+        "config": to_dict(cfg),
+        "torch": torch.__version__,
+        "python": sys.version.split()[0],
+    }
+    atomic_write_json(run_dir / "summary.json", summary)
+    return summary
+
+
+def progress_enabled(cfg: Config) -> bool:
+    return cfg.progress if cfg.progress is not None else sys.stderr.isatty()
+
+
+def train_single(cfg: Config, run_dir: Path) -> dict[str, Any]:
+    """Train in this process and write summary.json + metrics.jsonl into run_dir."""
+    torch.set_num_threads(cfg.pipeline.threads)
+    device = select_device(cfg)
+    data = load_data(cfg.data, cfg.seed)
+    if data.noise_rate:
+        log.info("label noise: realised rate %.4f on %d training labels", data.noise_rate, len(data.train))
+    net = build_net(cfg, data)
+    n_steps = total_steps(cfg, data)
+    updates = n_steps // (cfg.sid.accumulate_steps if cfg.method is Method.sid else 1)
+    method = make_method(cfg, net, max(1, updates), device)
+    batches, splits = train_batches(cfg, data), eval_splits(cfg, data)
+    metrics = JsonlWriter(run_dir / "metrics.jsonl")
+    history = History()
+    watch = Stopwatch()
+    bar = None
+    if progress_enabled(cfg):
+        from tqdm import tqdm
+
+        bar = tqdm(total=n_steps, desc=f"{cfg.method.value} train", unit="step")
+    step, samples, train_s = 0, 0, 0.0
+    epoch = 0
+    while step < n_steps:
+        t0 = time.perf_counter()
+        for x, y in batches.epoch(epoch):
+            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+            losses = method.step(x, y)
+            step += 1
+            samples += y.numel()
+            if step % cfg.train.log_every == 0 or step == n_steps:
+                loss_vals = [float(v) for v in losses]  # the only host sync, at log intervals
+                for v in loss_vals:
+                    if not math.isfinite(v):
+                        raise TrainingError(f"non-finite loss {v} at step {step} (epoch {epoch})")
+                metrics.write({"kind": "train", "step": step, "epoch": epoch, "loss": loss_vals})
+                if bar is not None:
+                    bar.set_postfix(loss=f"{loss_vals[-1]:.4f}")
+            if bar is not None:
+                bar.update(1)
+            if step >= n_steps:
+                break
+        train_s += time.perf_counter() - t0
+        record: dict[str, Any] = {"kind": "eval", "step": step, "epoch": epoch}
+        last_epoch = step >= n_steps
+        if cfg.train.eval_every_epoch or last_epoch:
+            for name, split in splits.items():
+                record[f"{name}_per_depth"] = evaluate(method, split, device)
+            history.add(record)
+            metrics.write(record)
+            if bar is None:
+                log.info(
+                    "epoch %d step %d: test accuracy %.4f%s", epoch, step, record["test_per_depth"][-1],
+                    f" val {record['val_per_depth'][-1]:.4f}" if "val_per_depth" in record else "",
+                )
+        epoch += 1
+    if bar is not None:
+        bar.close()
+    metrics.close()
+    final = history.epochs[-1]
+    result = {
+        "test_accuracy": final["test_per_depth"][-1],
+        "per_depth_accuracy": final["test_per_depth"],
+        **history.selection(),
+        "epochs_run": epoch,
+        "steps": step,
+        "samples_per_s": samples / train_s if train_s > 0 else 0.0,
+        "wall_s": watch.elapsed(),
+        "train_s": train_s,
+        "per_stage": [
+            {
+                "stage": 0,
+                "busy_fraction": 1.0,
+                "recv_wait_fraction": 0.0,
+                "bytes_sent_forward": 0,
+                "bytes_sent_backward": 0,
+                "peak_memory_bytes": peak_memory_bytes(device),
+            }
+        ],
+    }
+    return write_summary(run_dir, cfg, data, result)

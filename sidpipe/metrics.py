@@ -85,3 +85,24 @@ class Stopwatch:
 
     def elapsed(self) -> float:
         return time.perf_counter() - self._t0
+
+
+def save_state(state: dict[str, torch.Tensor], run_dir: str | Path, stage: int) -> Path:
+    """Final parameters of one stage, named as in the whole network (blocks.{i}, heads.{i}).
+
+    `model/stage{r}.pt` per stage; together they are the network's state_dict. Atomic.
+    """
+    path = Path(run_dir) / "model" / f"stage{stage}.pt"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".pt.tmp")
+    torch.save({k: v.detach().cpu() for k, v in state.items()}, tmp)
+    os.replace(tmp, path)
+    return path
+
+
+def load_state(run_dir: str | Path) -> dict[str, torch.Tensor]:
+    """Merge every stage's saved parameters (weights only: no code runs on load)."""
+    state: dict[str, torch.Tensor] = {}
+    for path in sorted((Path(run_dir) / "model").glob("stage*.pt")):
+        state.update(torch.load(path, map_location="cpu", weights_only=True))
+    return state

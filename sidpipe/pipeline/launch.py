@@ -1,0 +1,116 @@
+"""Start a pipeline run: join torchrun's process group, or spawn one process per stage.
+
+Started plainly, `sidpipe train pipeline.stages=S` spawns S local processes through torch's
+own elastic launcher (the engine behind torchrun): it gives the rendezvous store, watches
+the workers and, when one fails or is killed, stops the others, so no peer is left hanging.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import uuid
+from pathlib import Path
+from typing import Any
+
+from sidpipe.config import Config, Method
+from sidpipe.trainer import TrainingError
+
+RUN_DIR_KEY = "sidpipe/run_dir"
+FAILURE_FILE = "failure.txt"  # the first failing stage's one-line reason
+
+
+def check_layout(cfg: Config) -> None:
+    """Fail before any process starts: data present, stages fit the model, cuts valid."""
+    from sidpipe.data import load_data
+    from sidpipe.models.partition import partition_blocks
+    from sidpipe.trainer import build_net
+
+    data = load_data(cfg.data, cfg.seed)
+    net = build_net(cfg, data)
+    try:
+        partition_blocks(net.n_blocks, cfg.pipeline.stages, cfg.pipeline.partition)
+    except ValueError as e:
+        raise TrainingError(str(e)) from None
+
+
+def stage_main(cfg: Config, run_dir: str) -> dict[str, Any]:
+    """One stage process. Returns the summary on rank 0, {} elsewhere; exits non-zero on failure."""
+    from sidpipe.pipeline.dist import init_distributed, shutdown
+
+    ctx = init_distributed(cfg)
+    # Every rank must write into one run directory: rank 0's is the one.
+    if ctx.rank == 0:
+        ctx.store.set(RUN_DIR_KEY, run_dir)
+    else:
+        run_dir = ctx.store.get(RUN_DIR_KEY).decode()
+    runner = None
+    try:
+        if cfg.method is Method.bp:
+            from sidpipe.pipeline.bp import BPStageRunner as Runner
+        else:
+            from sidpipe.pipeline.sid import SIDStageRunner as Runner
+        runner = Runner(ctx, cfg, Path(run_dir))
+        result = runner.run()
+    except BaseException as e:  # noqa: BLE001 - every failure ends this process, loudly
+        step = getattr(runner, "step", 0)
+        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+        if type(e).__name__ != "PeerFailure":
+            reason = f"step {step}: {type(e).__name__}: {reason}"
+        ctx.report_failure(reason, Path(run_dir))
+        # No collective after a failure (peers would block in it): leave now. os._exit skips
+        # interpreter teardown, which can hang on a p2p op still posted to a dead peer.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(1)
+    from sidpipe.pipeline.report import gather_and_write
+
+    summary = gather_and_write(ctx, cfg, Path(run_dir), result)
+    shutdown()
+    return summary
+
+
+def run_pipeline(cfg: Config, run_dir: Path) -> dict[str, Any]:
+    from sidpipe.pipeline.dist import under_torchrun
+
+    if under_torchrun():
+        return stage_main(cfg, str(run_dir))
+    check_layout(cfg)
+    (run_dir / FAILURE_FILE).unlink(missing_ok=True)
+    return spawn(cfg, run_dir)
+
+
+def spawn(cfg: Config, run_dir: Path) -> dict[str, Any]:
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.launcher.api import LaunchConfig, elastic_launch
+
+    launch = LaunchConfig(
+        min_nodes=1,
+        max_nodes=1,
+        nproc_per_node=cfg.pipeline.stages,
+        run_id=f"sidpipe-{uuid.uuid4().hex[:8]}",
+        rdzv_backend="c10d",
+        rdzv_endpoint="localhost:0",  # a free port, like torchrun --standalone
+        max_restarts=0,  # a failed stage fails the run: no silent restarts
+        monitor_interval=0.1,
+        start_method="spawn",
+        rdzv_configs={"timeout": int(cfg.pipeline.timeout_s)},
+    )
+    os.environ.setdefault("OMP_NUM_THREADS", str(cfg.pipeline.threads))
+    try:
+        results = elastic_launch(launch, stage_main)(cfg, str(run_dir))
+    except ChildFailedError as e:
+        reason = run_dir / FAILURE_FILE
+        first = reason.read_text().strip() if reason.exists() else _failure_line(e)
+        raise TrainingError(f"pipeline failed: {first}") from None
+    return results[0]
+
+
+def _failure_line(e: Any) -> str:
+    """One line for the launcher: which stage died first and how (its own reason is above)."""
+    rank, failure = e.get_first_failure()
+    how = (
+        f"was killed by signal {failure.signal_name()}" if failure.exitcode < 0
+        else f"exited with code {failure.exitcode}"
+    )
+    return f"stage {rank} {how}; the others were stopped"

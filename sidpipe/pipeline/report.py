@@ -1,0 +1,48 @@
+"""End of a pipeline run: gather every stage's numbers on rank 0, write summary.json and trace."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch.distributed as dist
+
+from sidpipe.config import Config
+from sidpipe.data import load_data
+from sidpipe.metrics import atomic_write_json
+from sidpipe.pipeline.dist import DistContext
+from sidpipe.pipeline.trace import chrome_trace
+from sidpipe.trainer import History, write_summary
+
+
+def gather_and_write(ctx: DistContext, cfg: Config, run_dir: Path, result: dict[str, Any]) -> dict[str, Any]:
+    """Collective: only reached when every stage finished cleanly. Returns the summary on rank 0."""
+    gathered: list[dict[str, Any]] | None = [{} for _ in range(ctx.world)] if ctx.rank == 0 else None
+    dist.gather_object(result, gathered, dst=0)
+    if ctx.rank != 0:
+        return {}
+    assert gathered is not None
+    last = gathered[-1]
+    history = History(last["_history"] or [])
+    if not history.epochs:
+        raise RuntimeError("the last stage reported no evaluation")
+    final = history.epochs[-1]
+    if cfg.pipeline.trace:
+        atomic_write_json(run_dir / "trace.json", chrome_trace([g["_trace"] for g in gathered]))
+    samples, train_s = last["_train_samples"], last["_train_s"]
+    per_stage = [{k: v for k, v in g.items() if not k.startswith("_")} for g in gathered]
+    summary = {
+        "test_accuracy": final["test_per_depth"][-1],
+        "per_depth_accuracy": final["test_per_depth"],
+        **history.selection(),
+        "epochs_run": final["epoch"] + 1,
+        "steps": last["train_messages"],
+        "samples_per_s": samples / train_s if train_s > 0 else 0.0,
+        "wall_s": max(g["wall_s"] for g in gathered),
+        "train_s": train_s,
+        "backend": ctx.backend,
+        "device": str(ctx.device.type),
+        "per_stage": per_stage,
+    }
+    data = load_data(cfg.data, cfg.seed)
+    return write_summary(run_dir, cfg, data, summary)

@@ -1,0 +1,175 @@
+"""Moving messages between neighbouring stages: send/recv queues over torch.distributed p2p.
+
+A message is a fixed-size int64 header followed by up to three tensors: the activation h,
+the belief p and the labels y. The sender keeps a bounded window of outstanding isends
+(`pipeline.queue_depth` messages: backpressure with bounded memory); the receiver posts the
+irecv of the next header as soon as the current payload is posted, so a message's arrival
+overlaps the receiver's compute. Every byte sent is counted here, split by direction: a
+send to a lower rank is backward traffic, which SID must never produce.
+
+Ops are posted in the same order on both sides, which NCCL requires (it ignores tags).
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from enum import IntEnum
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+HEADER_LEN = 16
+MAX_DIMS = 8
+_DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.int64, torch.float64]
+
+
+class Kind(IntEnum):
+    TRAIN = 1  # h, p, y: forward, send on, update
+    EVAL = 2  # h, p, y: forward without update; count hits per depth
+    EVAL_END = 3  # h = running per-depth [hits, count] table of the finished split
+    EPOCH_END = 4  # no payload
+    STOP = 5  # no payload: drain and finish
+
+
+@dataclass
+class Message:
+    kind: Kind
+    step: int = 0  # training messages seen so far (TRAIN) / split id (EVAL*)
+    epoch: int = 0
+    h: Tensor | None = None
+    p: Tensor | None = None
+    y: Tensor | None = None
+
+    def tensors(self) -> list[Tensor]:
+        return [t for t in (self.h, self.p, self.y) if t is not None]
+
+
+def _encode(msg: Message) -> Tensor:
+    hdr = torch.zeros(HEADER_LEN, dtype=torch.int64)
+    hdr[0], hdr[1], hdr[2] = int(msg.kind), msg.step, msg.epoch
+    if msg.h is not None:
+        if msg.h.dim() > MAX_DIMS:
+            raise ValueError(f"activation has {msg.h.dim()} dims; the header holds {MAX_DIMS}")
+        hdr[3] = msg.h.dim()
+        hdr[4] = _DTYPES.index(msg.h.dtype)
+        hdr[5 : 5 + msg.h.dim()] = torch.tensor(msg.h.shape)
+    hdr[13] = -1 if msg.p is None else msg.p.shape[1]
+    hdr[14] = -1 if msg.y is None else msg.y.shape[0]
+    return hdr
+
+
+@dataclass
+class TransportStats:
+    bytes_forward: int = 0
+    bytes_backward: int = 0
+    messages_sent: int = 0
+    recv_wait_s: float = 0.0
+    send_wait_s: float = 0.0
+
+
+@dataclass
+class _Pending:
+    works: list
+    keep: list[Tensor] = field(default_factory=list)  # tensors must outlive their isend
+
+
+class Transport:
+    """Send to `rank+1`, receive from `rank-1` (either may be absent at the pipeline ends)."""
+
+    def __init__(self, rank: int, world: int, device: torch.device, queue_depth: int, staged: bool):
+        self.rank, self.world = rank, world
+        self.device = device
+        # gloo moves CPU tensors only: with CUDA compute over gloo, stage through pinned host memory.
+        self.staged = staged
+        self.comm_device = torch.device("cpu") if (staged or device.type == "cpu") else device
+        self.queue_depth = queue_depth
+        self.stats = TransportStats()
+        self._outstanding: deque[_Pending] = deque()
+        self._next_header: tuple[Tensor, object] | None = None
+
+    # ---- sending -------------------------------------------------------------------
+    def _isend(self, t: Tensor, dst: int, pending: _Pending) -> None:
+        if self.staged and t.device.type == "cuda":
+            host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+            host.copy_(t, non_blocking=True)
+            torch.cuda.current_stream(t.device).synchronize()  # the copy must land before gloo reads
+            t = host
+        t = t.contiguous()
+        pending.keep.append(t)
+        pending.works.append(dist.isend(t, dst))
+        nbytes = t.numel() * t.element_size()
+        if dst > self.rank:
+            self.stats.bytes_forward += nbytes
+        else:
+            self.stats.bytes_backward += nbytes
+
+    def send(self, msg: Message, dst: int | None = None) -> None:
+        """Post the message's isends; blocks only while the window of outstanding sends is full."""
+        dst = self.rank + 1 if dst is None else dst
+        if len(self._outstanding) >= self.queue_depth:
+            t0 = time.perf_counter()
+            self._wait_oldest()
+            self.stats.send_wait_s += time.perf_counter() - t0
+        pending = _Pending(works=[])
+        self._isend(_encode(msg).to(self.comm_device), dst, pending)
+        for t in msg.tensors():
+            self._isend(t, dst, pending)
+        self._outstanding.append(pending)
+        self.stats.messages_sent += 1
+
+    def _wait_oldest(self) -> None:
+        for w in self._outstanding.popleft().works:
+            w.wait()
+
+    def flush(self) -> None:
+        t0 = time.perf_counter()
+        while self._outstanding:
+            self._wait_oldest()
+        self.stats.send_wait_s += time.perf_counter() - t0
+
+    # ---- receiving -----------------------------------------------------------------
+    def _post_header(self, src: int) -> None:
+        buf = torch.empty(HEADER_LEN, dtype=torch.int64, device=self.comm_device)
+        self._next_header = (buf, dist.irecv(buf, src))
+
+    def _buffer(self, shape: list[int], dtype: torch.dtype) -> Tensor:
+        # pinned host buffers let the staged copy to the GPU run asynchronously
+        return torch.empty(shape, dtype=dtype, device=self.comm_device, pin_memory=self.staged)
+
+    def recv(self, src: int | None = None) -> Message:
+        """Wait for the next message; the one after it has its header irecv posted on return."""
+        src = self.rank - 1 if src is None else src
+        if self._next_header is None:
+            self._post_header(src)
+        assert self._next_header is not None
+        buf, work = self._next_header
+        t0 = time.perf_counter()
+        work.wait()
+        hdr = buf.cpu().tolist()
+        kind = Kind(hdr[0])
+        h = p = y = None
+        works = []
+        if hdr[3] > 0:
+            shape = hdr[5 : 5 + hdr[3]]
+            h = self._buffer(shape, _DTYPES[hdr[4]])
+            works.append(dist.irecv(h, src))
+        if hdr[13] >= 0:
+            rows = h.shape[0] if h is not None else hdr[14]
+            p = self._buffer([rows, hdr[13]], torch.float32)
+            works.append(dist.irecv(p, src))
+        if hdr[14] >= 0:
+            y = self._buffer([hdr[14]], torch.int64)
+            works.append(dist.irecv(y, src))
+        if kind is not Kind.STOP:
+            self._post_header(src)  # overlap the next arrival with this message's compute
+        else:
+            self._next_header = None
+        for w in works:
+            w.wait()
+        self.stats.recv_wait_s += time.perf_counter() - t0
+        if self.comm_device != self.device:
+            h, p, y = (None if t is None else t.to(self.device, non_blocking=True) for t in (h, p, y))
+        return Message(kind, hdr[1], hdr[2], h, p, y)

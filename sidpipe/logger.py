@@ -89,11 +89,12 @@ def _format(record: Mapping[str, Any]) -> str:
 
 
 def _plain_config(cfg_dict: Any) -> dict[str, Any]:
+    """A plain dict for wandb: DictConfig nodes resolved (interpolations, enums as values)."""
     if cfg_dict is None:
         return {}
-    if not isinstance(cfg_dict, Mapping):  # an OmegaConf DictConfig or a structured config
-        from omegaconf import OmegaConf
+    from omegaconf import DictConfig, OmegaConf
 
+    if isinstance(cfg_dict, DictConfig):
         return OmegaConf.to_container(cfg_dict, resolve=True, enum_to_str=True)  # type: ignore[return-value]
     return dict(cfg_dict)
 
@@ -172,7 +173,8 @@ class WandbLogger(RunLogger):
             import wandb  # lazily: importing wandb costs ~0.5 s
         except ImportError as e:
             raise LoggerError(
-                f"logger=wandb needs the wandb package ({e}); pip install wandb, or use logger=console"
+                f"logger=wandb needs the wandb package ({e}); "
+                "pip install wandb, or use logger=console"
             ) from None
         try:
             run = wandb.init(

@@ -22,7 +22,7 @@ from torch import Tensor, nn
 from sidpipe.config import Config, Method, Variant, to_dict
 from sidpipe.data import Batches, DataBundle, load_data
 from sidpipe.loss import sid_loss
-from sidpipe.metrics import JsonlWriter, Stopwatch, atomic_write_json, peak_memory_bytes
+from sidpipe.metrics import JsonlWriter, Stopwatch, atomic_write_json, peak_memory_bytes, save_state
 from sidpipe.models import BlockNet, build_model
 from sidpipe.models.heads import uniform_prior
 from sidpipe.models.partition import StageModule
@@ -76,11 +76,6 @@ def eval_splits(cfg: Config, data: DataBundle) -> dict[str, Batches]:
     if data.val is not None:
         splits["val"] = Batches(data.val, data, cfg.train.eval_batch_size, shuffle=False, seed=cfg.seed)
     return splits
-
-
-def check_finite(loss: Tensor, step: int, where: str) -> None:
-    if not torch.isfinite(loss).all():
-        raise TrainingError(f"{where}: non-finite loss ({loss.item()}) at step {step}")
 
 
 # --------------------------------------------------------------------------------------
@@ -312,6 +307,7 @@ def train_single(cfg: Config, run_dir: Path) -> dict[str, Any]:
     if bar is not None:
         bar.close()
     metrics.close()
+    save_state(net.state_dict(), run_dir, 0)
     final = history.epochs[-1]
     result = {
         "test_accuracy": final["test_per_depth"][-1],

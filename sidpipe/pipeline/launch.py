@@ -7,8 +7,10 @@ the workers and, when one fails or is killed, stops the others, so no peer is le
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
+import time
 import uuid
 from pathlib import Path
 from typing import Any
@@ -17,6 +19,7 @@ from sidpipe.config import Config, Method
 from sidpipe.trainer import TrainingError
 
 RUN_DIR_KEY = "sidpipe/run_dir"
+LOST_PEER = ("Connection reset by peer", "Connection closed by peer", "Broken pipe")
 FAILURE_FILE = "failure.txt"  # the first failing stage's one-line reason
 
 
@@ -55,9 +58,14 @@ def stage_main(cfg: Config, run_dir: str) -> dict[str, Any]:
     except BaseException as e:  # noqa: BLE001 - every failure ends this process, loudly
         step = getattr(runner, "step", 0)
         reason = str(e).splitlines()[0] if str(e) else type(e).__name__
-        if type(e).__name__ != "PeerFailure":
+        lost_peer = any(m in str(e) for m in LOST_PEER)
+        if lost_peer:
+            reason = f"step {step}: lost the connection to a neighbouring stage ({reason[:120]})"
+        elif type(e).__name__ != "PeerFailure":
             reason = f"step {step}: {type(e).__name__}: {reason}"
         ctx.report_failure(reason, Path(run_dir))
+        if lost_peer:  # the peer died first: let the launcher see its death before ours
+            time.sleep(1.0)
         # No collective after a failure (peers would block in it): leave now. os._exit skips
         # interpreter teardown, which can hang on a p2p op still posted to a dead peer.
         sys.stdout.flush()
@@ -97,18 +105,24 @@ def spawn(cfg: Config, run_dir: Path) -> dict[str, Any]:
         rdzv_configs={"timeout": int(cfg.pipeline.timeout_s)},
     )
     os.environ.setdefault("OMP_NUM_THREADS", str(cfg.pipeline.threads))
+    # The stages print their own one-line reasons; the agent's tracebacks would bury them.
+    logging.getLogger("torch.distributed.elastic").setLevel(logging.CRITICAL)
     try:
         results = elastic_launch(launch, stage_main)(cfg, str(run_dir))
     except ChildFailedError as e:
         reason = run_dir / FAILURE_FILE
-        first = reason.read_text().strip() if reason.exists() else _failure_line(e)
-        raise TrainingError(f"pipeline failed: {first}") from None
+        detail = reason.read_text().strip() if reason.exists() else "no stage reported a reason"
+        raise TrainingError(f"pipeline failed: {_failure_line(e)}; first reported: {detail}") from None
     return results[0]
 
 
 def _failure_line(e: Any) -> str:
-    """One line for the launcher: which stage died first and how (its own reason is above)."""
-    rank, failure = e.get_first_failure()
+    """Which stage died and how. A stage killed by a signal (not the agent's SIGTERM
+    teardown) is the cause; otherwise the first stage that exited with an error."""
+    failures = sorted(e.failures.items())
+    killed = [(r, f) for r, f in failures if f.exitcode < 0 and f.signal_name() != "SIGTERM"]
+    errored = [(r, f) for r, f in failures if f.exitcode > 0]
+    rank, failure = (killed or errored or failures)[0]
     how = (
         f"was killed by signal {failure.signal_name()}" if failure.exitcode < 0
         else f"exited with code {failure.exitcode}"

@@ -1,0 +1,215 @@
+"""launch/: syntax (bash -n), shellcheck when installed, and the exact command each script
+would run (DRY_RUN=1), so the pass-through overrides, the shared run dir and the stage count
+are checked without starting torchrun or SLURM."""
+
+from __future__ import annotations
+
+import os
+import shlex
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+LAUNCH = ROOT / "launch"
+SCRIPTS = ["torchrun_single_node.sh", "torchrun_multi_node.sh", "slurm.sbatch"]
+OVERRIDES = ["model=simplecnn", "data=mnist", "train.epochs=2", "data.root=/data/x"]
+
+
+def run_script(name: str, env: dict[str, str], *args: str, tmp_path: Path | None = None):
+    full_env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "NPROC"))}
+    for key in ("RUN_DIR", "NNODES", "NODE_RANK", "RDZV_ENDPOINT", "RDZV_ID", "TORCHRUN"):
+        full_env.pop(key, None)
+    full_env.update(env)
+    return subprocess.run(
+        ["bash", str(LAUNCH / name), *args],
+        env=full_env,
+        cwd=tmp_path or ROOT,
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+
+
+def dry_run(name: str, env: dict[str, str], *args: str, tmp_path: Path | None = None) -> list[str]:
+    proc = run_script(name, {"DRY_RUN": "1", **env}, *args, tmp_path=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    return shlex.split(proc.stdout)
+
+
+def opt(cmd: list[str], flag: str) -> str:
+    assert flag in cmd, (flag, cmd)
+    return cmd[cmd.index(flag) + 1]
+
+
+def hydra_args(cmd: list[str]) -> list[str]:
+    i = cmd.index("-m")
+    assert cmd[i + 1] == "sidpipe.train"
+    return cmd[i + 2 :]
+
+
+@pytest.mark.parametrize("name", SCRIPTS)
+def test_bash_syntax(name):
+    proc = subprocess.run(["bash", "-n", str(LAUNCH / name)], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+
+
+@pytest.mark.parametrize("name", SCRIPTS)
+def test_shellcheck(name):
+    shellcheck = shutil.which("shellcheck")
+    if shellcheck is None:
+        pytest.skip("shellcheck not installed (apt-get install shellcheck)")
+    proc = subprocess.run([shellcheck, str(LAUNCH / name)], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+@pytest.mark.parametrize("name", SCRIPTS)
+def test_executable(name):
+    assert os.access(LAUNCH / name, os.X_OK)
+
+
+def test_single_node_dry_run():
+    cmd = dry_run("torchrun_single_node.sh", {"NPROC": "3", "RUN_DIR": "runs/a"}, *OVERRIDES)
+    assert cmd[0] == "torchrun" and "--standalone" in cmd
+    assert opt(cmd, "--nproc-per-node") == "3"
+    assert hydra_args(cmd) == ["pipeline.stages=3", "hydra.run.dir=runs/a", *OVERRIDES]
+
+
+def test_single_node_defaults_compute_one_run_dir():
+    cmd = dry_run("torchrun_single_node.sh", {"TORCHRUN": "/venv/bin/torchrun"})
+    assert cmd[0] == "/venv/bin/torchrun"
+    assert opt(cmd, "--nproc-per-node") == "4"
+    args = hydra_args(cmd)
+    assert args[0] == "pipeline.stages=4"
+    # a literal path (no ${now:...} for each rank to resolve on its own)
+    assert args[1].startswith("hydra.run.dir=outputs/torchrun-") and "$" not in args[1]
+
+
+def test_override_with_spaces_stays_one_argument():
+    cmd = dry_run("torchrun_single_node.sh", {"NPROC": "1"}, "data.root='/my data'")
+    assert hydra_args(cmd)[-1] == "data.root='/my data'"
+
+
+@pytest.mark.parametrize(
+    "env, args, message",
+    [
+        ({"NPROC": "0"}, [], "NPROC"),
+        ({"NPROC": "2"}, ["pipeline.stages=3"], "NPROC"),
+        ({"NPROC": "2"}, ["hydra.run.dir=x"], "RUN_DIR"),
+        ({"RUN_DIR": "a b"}, [], "RUN_DIR"),
+    ],
+)
+def test_single_node_rejects(env, args, message):
+    proc = run_script("torchrun_single_node.sh", {"DRY_RUN": "1", **env}, *args)
+    assert proc.returncode == 2 and message in proc.stderr and not proc.stdout
+
+
+MULTI = {
+    "NNODES": "2",
+    "NPROC_PER_NODE": "4",
+    "RDZV_ENDPOINT": "node0:29400",
+    "RUN_DIR": "/shared/r1",
+}
+
+
+def test_multi_node_dry_run():
+    cmd = dry_run("torchrun_multi_node.sh", {**MULTI, "RDZV_ID": "job7"}, *OVERRIDES)
+    assert cmd[0] == "torchrun" and "--standalone" not in cmd and "--node-rank" not in cmd
+    assert opt(cmd, "--nnodes") == "2"
+    assert opt(cmd, "--nproc-per-node") == "4"
+    assert opt(cmd, "--rdzv-backend") == "c10d"
+    assert opt(cmd, "--rdzv-endpoint") == "node0:29400"
+    assert opt(cmd, "--rdzv-id") == "job7"
+    assert hydra_args(cmd) == ["pipeline.stages=8", "hydra.run.dir=/shared/r1", *OVERRIDES]
+
+
+def test_multi_node_node_rank_is_passed():
+    cmd = dry_run("torchrun_multi_node.sh", {**MULTI, "NODE_RANK": "1"})
+    assert opt(cmd, "--node-rank") == "1"
+
+
+@pytest.mark.parametrize(
+    "missing, message",
+    [("NNODES", "NNODES"), ("RDZV_ENDPOINT", "RDZV_ENDPOINT"), ("RUN_DIR", "shared")],
+)
+def test_multi_node_requires(missing, message):
+    env = {k: v for k, v in MULTI.items() if k != missing}
+    proc = run_script("torchrun_multi_node.sh", {"DRY_RUN": "1", **env})
+    assert proc.returncode == 2 and message in proc.stderr and not proc.stdout
+
+
+@pytest.fixture
+def fake_scontrol(tmp_path):
+    """`scontrol show hostnames` stand-in on PATH: expands the node list to two hosts."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    script = bin_dir / "scontrol"
+    script.write_text(
+        '#!/bin/sh\n[ "$1 $2" = "show hostnames" ] || exit 1\n'
+        '[ "$3" = "gpu[07-08]" ] || exit 1\nprintf "gpu07\\ngpu08\\n"\n'
+    )
+    script.chmod(0o755)
+    return f"{bin_dir}{os.pathsep}{os.environ['PATH']}"
+
+
+SLURM = {
+    "SLURM_JOB_ID": "4242",
+    "SLURM_JOB_NODELIST": "gpu[07-08]",
+    "SLURM_JOB_NUM_NODES": "2",
+    "SLURM_GPUS_ON_NODE": "4",
+    "SLURM_CPUS_PER_TASK": "16",
+    "SLURM_SUBMIT_DIR": "/shared/sidpipe",
+}
+
+
+def test_slurm_dry_run(fake_scontrol):
+    cmd = dry_run("slurm.sbatch", {**SLURM, "PATH": fake_scontrol}, *OVERRIDES)
+    assert cmd[0] == "srun"
+    assert opt(cmd, "--ntasks-per-node") == "1"
+    assert opt(cmd, "--cpus-per-task") == "16"
+    torchrun = cmd[cmd.index("torchrun") :]
+    assert opt(torchrun, "--nnodes") == "2"
+    assert opt(torchrun, "--nproc-per-node") == "4"
+    assert opt(torchrun, "--rdzv-backend") == "c10d"
+    assert opt(torchrun, "--rdzv-endpoint") == "gpu07:29500"
+    assert opt(torchrun, "--rdzv-id") == "4242"
+    assert hydra_args(cmd) == [
+        "pipeline.stages=8",
+        "hydra.run.dir=/shared/sidpipe/outputs/slurm-4242",
+        *OVERRIDES,
+    ]
+
+
+def test_slurm_overrides_from_env(fake_scontrol):
+    env = {
+        **SLURM,
+        "PATH": fake_scontrol,
+        "NPROC_PER_NODE": "2",
+        "RDZV_PORT": "31000",
+        "RUN_DIR": "/s/x",
+    }
+    cmd = dry_run("slurm.sbatch", env)
+    assert opt(cmd, "--rdzv-endpoint") == "gpu07:31000"
+    assert hydra_args(cmd) == ["pipeline.stages=4", "hydra.run.dir=/s/x"]
+
+
+def test_slurm_sbatch_header():
+    text = (LAUNCH / "slurm.sbatch").read_text()
+    directives = [line.split()[1] for line in text.splitlines() if line.startswith("#SBATCH")]
+    for key in ("--nodes", "--ntasks-per-node=1", "--gpus-per-node", "--cpus-per-task", "--time"):
+        assert any(d.startswith(key) for d in directives), (key, directives)
+    # sbatch stops reading directives at the first command
+    first_cmd = next(
+        i for i, line in enumerate(text.splitlines()) if line.strip() and not line.startswith("#")
+    )
+    last_directive = max(
+        i for i, line in enumerate(text.splitlines()) if line.startswith("#SBATCH")
+    )
+    assert last_directive < first_cmd
+
+
+def test_slurm_outside_a_job_fails_clearly():
+    proc = run_script("slurm.sbatch", {"DRY_RUN": "1"})
+    assert proc.returncode == 2 and "sbatch" in proc.stderr

@@ -77,7 +77,10 @@ class ModelConfig:
             self.name in MODEL_NAMES,
             f"model.name={self.name!r} is unknown; choose one of {', '.join(MODEL_NAMES)}",
         )
-        _check(self.blocks is None or self.blocks >= 1, f"model.blocks must be >= 1 (got {self.blocks})")
+        _check(
+            self.blocks is None or self.blocks >= 1,
+            f"model.blocks must be >= 1 (got {self.blocks})",
+        )
         _check(self.width >= 1, f"model.width must be >= 1 (got {self.width})")
         _check(self.depth >= 1, f"model.depth must be >= 1 (got {self.depth})")
         _check(self.head_hidden >= 0, f"model.head_hidden must be >= 0 (got {self.head_hidden})")
@@ -100,9 +103,17 @@ class DataConfig:
             self.name in DATASET_NAMES,
             f"data.name={self.name!r} is unknown; choose one of {', '.join(DATASET_NAMES)}",
         )
-        _check(0.0 <= self.val_fraction < 1.0, f"data.val_fraction must be in [0, 1) (got {self.val_fraction})")
-        _check(0.0 <= self.label_noise < 1.0, f"data.label_noise must be in [0, 1) (got {self.label_noise})")
-        _check(self.subset is None or self.subset >= 1, f"data.subset must be >= 1 (got {self.subset})")
+        _check(
+            0.0 <= self.val_fraction < 1.0,
+            f"data.val_fraction must be in [0, 1) (got {self.val_fraction})",
+        )
+        _check(
+            0.0 <= self.label_noise < 1.0,
+            f"data.label_noise must be in [0, 1) (got {self.label_noise})",
+        )
+        _check(
+            self.subset is None or self.subset >= 1, f"data.subset must be >= 1 (got {self.subset})"
+        )
 
 
 @dataclass
@@ -121,7 +132,10 @@ class SIDConfig:
             f"sid.label_smoothing must be in [0, 1) (got {self.label_smoothing})",
         )
         _check(self.modules >= 1, f"sid.modules must be >= 1 (got {self.modules})")
-        _check(self.accumulate_steps >= 1, f"sid.accumulate_steps must be >= 1 (got {self.accumulate_steps})")
+        _check(
+            self.accumulate_steps >= 1,
+            f"sid.accumulate_steps must be >= 1 (got {self.accumulate_steps})",
+        )
 
 
 @dataclass
@@ -138,7 +152,9 @@ class PipelineConfig:
 
     def __post_init__(self) -> None:
         _check(self.stages >= 1, f"pipeline.stages must be >= 1 (got {self.stages})")
-        _check(self.microbatches >= 1, f"pipeline.microbatches must be >= 1 (got {self.microbatches})")
+        _check(
+            self.microbatches >= 1, f"pipeline.microbatches must be >= 1 (got {self.microbatches})"
+        )
         _check(self.queue_depth >= 1, f"pipeline.queue_depth must be >= 1 (got {self.queue_depth})")
         _check(self.timeout_s > 0, f"pipeline.timeout_s must be > 0 (got {self.timeout_s})")
         _check(self.threads >= 1, f"pipeline.threads must be >= 1 (got {self.threads})")
@@ -159,10 +175,16 @@ class OptimConfig:
     schedule: str = "none"  # none | cosine (over the run's total steps)
 
     def __post_init__(self) -> None:
-        _check(self.name in ("adam", "adamw", "sgd"), f"optim.name={self.name!r} must be adam, adamw or sgd")
+        _check(
+            self.name in ("adam", "adamw", "sgd"),
+            f"optim.name={self.name!r} must be adam, adamw or sgd",
+        )
         _check(self.lr > 0, f"optim.lr must be > 0 (got {self.lr})")
         _check(self.weight_decay >= 0, f"optim.weight_decay must be >= 0 (got {self.weight_decay})")
-        _check(self.schedule in ("none", "cosine"), f"optim.schedule={self.schedule!r} must be none or cosine")
+        _check(
+            self.schedule in ("none", "cosine"),
+            f"optim.schedule={self.schedule!r} must be none or cosine",
+        )
 
 
 @dataclass
@@ -177,8 +199,14 @@ class TrainConfig:
     def __post_init__(self) -> None:
         _check(self.epochs >= 1, f"train.epochs must be >= 1 (got {self.epochs})")
         _check(self.batch_size >= 1, f"train.batch_size must be >= 1 (got {self.batch_size})")
-        _check(self.max_steps is None or self.max_steps >= 1, f"train.max_steps must be >= 1 (got {self.max_steps})")
-        _check(self.eval_batch_size >= 1, f"train.eval_batch_size must be >= 1 (got {self.eval_batch_size})")
+        _check(
+            self.max_steps is None or self.max_steps >= 1,
+            f"train.max_steps must be >= 1 (got {self.max_steps})",
+        )
+        _check(
+            self.eval_batch_size >= 1,
+            f"train.eval_batch_size must be >= 1 (got {self.eval_batch_size})",
+        )
         _check(self.log_every >= 1, f"train.log_every must be >= 1 (got {self.log_every})")
 
 
@@ -189,7 +217,10 @@ class WandbConfig:
     mode: str = "offline"  # offline | online | disabled
 
     def __post_init__(self) -> None:
-        _check(self.mode in ("offline", "online", "disabled"), f"logger.wandb.mode={self.mode!r} must be offline, online or disabled")
+        _check(
+            self.mode in ("offline", "online", "disabled"),
+            f"logger.wandb.mode={self.mode!r} must be offline, online or disabled",
+        )
 
 
 @dataclass
@@ -198,7 +229,9 @@ class LoggerConfig:
     wandb: WandbConfig = field(default_factory=WandbConfig)
 
     def __post_init__(self) -> None:
-        _check(self.name in ("console", "wandb"), f"logger.name={self.name!r} must be console or wandb")
+        _check(
+            self.name in ("console", "wandb"), f"logger.name={self.name!r} must be console or wandb"
+        )
 
 
 @dataclass

@@ -25,6 +25,11 @@ def smoothed_onehot(y: Tensor, num_classes: int, label_smoothing: float) -> Tens
     return onehot * (1.0 - label_smoothing) + label_smoothing / num_classes
 
 
+def at_least_fp32(t: Tensor) -> Tensor:
+    """Upcast half types (bf16 autocast outputs); leave fp32 and fp64 alone."""
+    return t.float() if t.dtype in (torch.bfloat16, torch.float16) else t
+
+
 def sid_loss(
     logits: Tensor,
     y: Tensor,
@@ -34,8 +39,9 @@ def sid_loss(
     label_smoothing: float = 0.0,
 ) -> Tensor:
     """Local SID loss of one module; `prev_belief` is detached here (stop-gradient)."""
-    logits = logits.float()  # beliefs and losses in fp32, also under bf16 autocast
-    prev = prev_belief.detach().float()
+    # Beliefs and losses in fp32 at least, also under bf16 autocast (float64 stays float64).
+    logits = at_least_fp32(logits)
+    prev = at_least_fp32(prev_belief.detach())
     log_p = F.log_softmax(logits, dim=-1)
     direction = getattr(kl_direction, "value", kl_direction)
     if direction == "forward":

@@ -12,7 +12,8 @@ def _mib(n: float) -> str:
 def format_report(s: dict[str, Any]) -> str:
     variant = f"/{s['variant']}" if s.get("variant") else ""
     lines = [
-        f"== sidpipe: {s['method']}{variant}, {s['stages']} stage(s), {s['model']} on {s['data']} ==",
+        f"== sidpipe: {s['method']}{variant}, {s['stages']} stage(s), "
+        f"{s['model']} on {s['data']} ==",
         f"test accuracy (last module): {s['test_accuracy']:.4f}",
         "accuracy per depth: " + " ".join(f"{a:.3f}" for a in s["per_depth_accuracy"]),
         f"throughput: {s['samples_per_s']:.0f} samples/s   wall: {s['wall_s']:.1f} s",

@@ -25,15 +25,22 @@ def build_optimizer(
 ) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler | None]:
     params = list(params)
     if cfg.name == "adam":
-        opt: torch.optim.Optimizer = torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        opt: torch.optim.Optimizer = torch.optim.Adam(
+            params, lr=cfg.lr, weight_decay=cfg.weight_decay
+        )
     elif cfg.name == "adamw":
         opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     else:
-        opt = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+        opt = torch.optim.SGD(
+            params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay
+        )
     sched = None
     if cfg.schedule == "cosine":
         sched = torch.optim.lr_scheduler.LambdaLR(
-            opt, lambda step: 0.5 * (1 + math.cos(math.pi * min(step, total_steps) / max(1, total_steps)))
+            opt,
+            lambda step: (
+                0.5 * (1 + math.cos(math.pi * min(step, total_steps) / max(1, total_steps)))
+            ),
         )
     return opt, sched
 
@@ -67,8 +74,10 @@ class SIDStage:
     def n_modules(self) -> int:
         return len(self.stage.blocks)
 
-    def forward(self, h: Tensor, p: Tensor, y: Tensor) -> tuple[Tensor, Tensor, list[Tensor], list[Tensor]]:
-        """Training forward. Returns (h_out, p_out) to send on (detached) and per-module losses, logits."""
+    def forward(
+        self, h: Tensor, p: Tensor, y: Tensor
+    ) -> tuple[Tensor, Tensor, list[Tensor], list[Tensor]]:
+        """Training forward: (h_out, p_out) to send on (detached), per-module losses and logits."""
         sid = self.cfg.sid
         losses, logits_all = [], []
         self.stage.train()

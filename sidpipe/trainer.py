@@ -21,7 +21,7 @@ from torch import Tensor, nn
 
 from sidpipe.config import Config, Method, Variant, to_dict
 from sidpipe.data import Batches, DataBundle, load_data
-from sidpipe.loss import sid_loss
+from sidpipe.loss import at_least_fp32, sid_loss
 from sidpipe.metrics import JsonlWriter, Stopwatch, atomic_write_json, peak_memory_bytes, save_state
 from sidpipe.models import BlockNet, build_model
 from sidpipe.models.heads import uniform_prior
@@ -39,7 +39,9 @@ class TrainingError(RuntimeError):
 def select_device(cfg: Config, local_rank: int = 0) -> torch.device:
     want = cfg.device.value
     if want == "cuda" and not torch.cuda.is_available():
-        raise TrainingError("device=cuda was asked for but CUDA is not available; use device=cpu or auto")
+        raise TrainingError(
+            "device=cuda was asked for but CUDA is not available; use device=cpu or auto"
+        )
     if want == "cuda" or (want == "auto" and torch.cuda.is_available()):
         return torch.device("cuda", local_rank % max(1, torch.cuda.device_count()))
     return torch.device("cpu")
@@ -68,13 +70,19 @@ def total_steps(cfg: Config, data: DataBundle) -> int:
 
 
 def train_batches(cfg: Config, data: DataBundle) -> Batches:
-    return Batches(data.train, data, cfg.train.batch_size, shuffle=True, seed=cfg.seed, augment=data.augment)
+    return Batches(
+        data.train, data, cfg.train.batch_size, shuffle=True, seed=cfg.seed, augment=data.augment
+    )
 
 
 def eval_splits(cfg: Config, data: DataBundle) -> dict[str, Batches]:
-    splits = {"test": Batches(data.test, data, cfg.train.eval_batch_size, shuffle=False, seed=cfg.seed)}
+    splits = {
+        "test": Batches(data.test, data, cfg.train.eval_batch_size, shuffle=False, seed=cfg.seed)
+    }
     if data.val is not None:
-        splits["val"] = Batches(data.val, data, cfg.train.eval_batch_size, shuffle=False, seed=cfg.seed)
+        splits["val"] = Batches(
+            data.val, data, cfg.train.eval_batch_size, shuffle=False, seed=cfg.seed
+        )
     return splits
 
 
@@ -115,13 +123,21 @@ class SharedSID:
             z = net.extractor(x)
             # Phase 1: teacher beliefs with the current parameters, no gradient.
             with torch.no_grad():
-                beliefs = [uniform_prior(x.shape[0], net.num_classes, x.device)]
+                dtype = torch.promote_types(z.dtype, torch.float32)
+                beliefs = [uniform_prior(x.shape[0], net.num_classes, x.device, dtype)]
                 for g in net.sid_modules:
-                    beliefs.append(F.softmax(g(torch.cat([beliefs[-1], z.detach()], 1)).float(), 1))
+                    logits = g(torch.cat([beliefs[-1], z.detach()], 1))
+                    beliefs.append(F.softmax(at_least_fp32(logits), 1))
             # Phase 2: every module fits its own loss given the detached previous belief.
             losses = [
-                sid_loss(g(torch.cat([beliefs[i], z], 1)), y, beliefs[i], sid.alpha, sid.kl_direction,
-                         sid.label_smoothing)
+                sid_loss(
+                    g(torch.cat([beliefs[i], z], 1)),
+                    y,
+                    beliefs[i],
+                    sid.alpha,
+                    sid.kl_direction,
+                    sid.label_smoothing,
+                )
                 for i, g in enumerate(net.sid_modules)
             ]
         for opt, _ in self.opts:
@@ -149,7 +165,9 @@ class Backprop:
             params = list(net.parameters())
             self._fwd = lambda x: net(x)[-1]
         else:
-            params = [p for b in net.blocks for p in b.parameters()] + list(net.heads[-1].parameters())
+            params = [p for b in net.blocks for p in b.parameters()] + list(
+                net.heads[-1].parameters()
+            )
             self._fwd = net.bp_forward
         self.opt, self.sched = build_optimizer(params, cfg.optim, total)
 
@@ -226,7 +244,9 @@ class History:
         return out
 
 
-def write_summary(run_dir: Path, cfg: Config, data: DataBundle, result: dict[str, Any]) -> dict[str, Any]:
+def write_summary(
+    run_dir: Path, cfg: Config, data: DataBundle, result: dict[str, Any]
+) -> dict[str, Any]:
     summary = {
         "method": cfg.method.value,
         "variant": cfg.sid.variant.value if cfg.method is Method.sid else None,
@@ -255,7 +275,11 @@ def train_single(cfg: Config, run_dir: Path) -> dict[str, Any]:
     device = select_device(cfg)
     data = load_data(cfg.data, cfg.seed)
     if data.noise_rate:
-        log.info("label noise: realised rate %.4f on %d training labels", data.noise_rate, len(data.train))
+        log.info(
+            "label noise: realised rate %.4f on %d training labels",
+            data.noise_rate,
+            len(data.train),
+        )
     net = build_net(cfg, data)
     n_steps = total_steps(cfg, data)
     updates = n_steps // (cfg.sid.accumulate_steps if cfg.method is Method.sid else 1)
@@ -300,7 +324,10 @@ def train_single(cfg: Config, run_dir: Path) -> dict[str, Any]:
             metrics.write(record)
             if bar is None:
                 log.info(
-                    "epoch %d step %d: test accuracy %.4f%s", epoch, step, record["test_per_depth"][-1],
+                    "epoch %d step %d: test accuracy %.4f%s",
+                    epoch,
+                    step,
+                    record["test_per_depth"][-1],
                     f" val {record['val_per_depth'][-1]:.4f}" if "val_per_depth" in record else "",
                 )
         epoch += 1

@@ -15,17 +15,38 @@ REPO = Path(__file__).resolve().parents[1]
 DATA_ROOT = Path(os.environ.get("SIDPIPE_DATA", REPO.parent / "shared" / "data"))
 
 # Small, fast settings for multi-process runs on 2 cores.
-TINY = ["data=digits", "model=mlp", "model.width=64", "model.depth=4", "train.batch_size=64",
-        "pipeline.threads=1", "pipeline.timeout_s=60", "progress=false"]
+TINY = [
+    "data=digits",
+    "model=mlp",
+    "model.width=64",
+    "model.depth=4",
+    "train.batch_size=64",
+    "pipeline.threads=1",
+    "pipeline.timeout_s=60",
+    "progress=false",
+]
 
 
-def run_cli(args: list[str], run_dir: Path, timeout: float = 180, env: dict | None = None,
-            module: str = "sidpipe.cli") -> subprocess.CompletedProcess:
+def run_cli(
+    args: list[str],
+    run_dir: Path,
+    timeout: float = 180,
+    env: dict | None = None,
+    module: str = "sidpipe.cli",
+) -> subprocess.CompletedProcess:
     """Run `python -m sidpipe.cli train ...` as a user would; bounded so a hang fails."""
     full_env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", **(env or {})}
-    cmd = [sys.executable, "-m", module, *([] if module != "sidpipe.cli" else ["train"]), *args,
-           f"hydra.run.dir={run_dir}"]
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=full_env, cwd=REPO)
+    cmd = [
+        sys.executable,
+        "-m",
+        module,
+        *([] if module != "sidpipe.cli" else ["train"]),
+        *args,
+        f"hydra.run.dir={run_dir}",
+    ]
+    return subprocess.run(
+        cmd, capture_output=True, text=True, timeout=timeout, env=full_env, cwd=REPO
+    )
 
 
 def read_summary(run_dir: Path) -> dict:

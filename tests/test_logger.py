@@ -163,6 +163,9 @@ def test_wandb_offline_run_records_metrics_config_and_summary(tmp_path, wandb_en
     for rec in records:
         by_type.setdefault(rec.WhichOneof("record_type"), []).append(rec)
 
+    assert {"run", "history", "summary", "exit"} <= set(by_type), [
+        r.WhichOneof("record_type") for r in records
+    ]
     run = by_type["run"][0].run
     assert run.project == "sidpipe-test"
     config = _items(run.config.update)

@@ -71,4 +71,6 @@ def test_prev_belief_gets_no_gradient():
 
 def test_unknown_direction():
     with pytest.raises(ValueError, match="sid.kl_direction"):
-        sid_loss(torch.zeros(1, 2), torch.tensor([0]), torch.full((1, 2), 0.5), kl_direction="sideways")
+        sid_loss(
+            torch.zeros(1, 2), torch.tensor([0]), torch.full((1, 2), 0.5), kl_direction="sideways"
+        )

@@ -23,7 +23,9 @@ ERROR_KEY = "sidpipe/error"
 
 
 def under_torchrun() -> bool:
-    return "TORCHELASTIC_RUN_ID" in os.environ or ("RANK" in os.environ and "WORLD_SIZE" in os.environ)
+    return "TORCHELASTIC_RUN_ID" in os.environ or (
+        "RANK" in os.environ and "WORLD_SIZE" in os.environ
+    )
 
 
 @dataclass
@@ -71,14 +73,19 @@ def init_distributed(cfg: Config) -> DistContext:
     local_rank = int(os.environ.get("LOCAL_RANK", rank))
     if world != cfg.pipeline.stages:
         raise TrainingError(
-            f"world size {world} != pipeline.stages={cfg.pipeline.stages}: launch one process per stage "
+            f"world size {world} != pipeline.stages={cfg.pipeline.stages}: "
+            "launch one process per stage "
             f"(torchrun --nproc-per-node {cfg.pipeline.stages}) or set pipeline.stages={world}"
         )
     torch.set_num_threads(cfg.pipeline.threads)
     device = select_device(cfg, local_rank)
     transport = cfg.pipeline.transport
     if transport is Transport.auto:
-        transport = Transport.nccl if device.type == "cuda" else Transport.gloo
+        # NCCL refuses two ranks on one GPU: with fewer GPUs than local stages, stage through
+        # pinned host memory over gloo instead.
+        local_world = int(os.environ.get("LOCAL_WORLD_SIZE", world))
+        enough_gpus = device.type == "cuda" and torch.cuda.device_count() >= local_world
+        transport = Transport.nccl if enough_gpus else Transport.gloo
     if transport is Transport.nccl and device.type != "cuda":
         raise TrainingError("pipeline.transport=nccl needs CUDA devices; use gloo or device=cuda")
     staged = device.type == "cuda" and transport in (Transport.gloo, Transport.staged)
@@ -89,7 +96,11 @@ def init_distributed(cfg: Config) -> DistContext:
     kwargs = {"device_id": device} if backend == "nccl" else {}
     dist.init_process_group(backend, rank=rank, world_size=world, timeout=timeout, **kwargs)
     store = dist.TCPStore(
-        os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world, is_master=False, timeout=timeout
+        os.environ["MASTER_ADDR"],
+        int(os.environ["MASTER_PORT"]),
+        world,
+        is_master=False,
+        timeout=timeout,
     )
     return DistContext(rank, world, local_rank, device, backend, staged, store)
 

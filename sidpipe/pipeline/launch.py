@@ -112,7 +112,9 @@ def spawn(cfg: Config, run_dir: Path) -> dict[str, Any]:
     except ChildFailedError as e:
         reason = run_dir / FAILURE_FILE
         detail = reason.read_text().strip() if reason.exists() else "no stage reported a reason"
-        raise TrainingError(f"pipeline failed: {_failure_line(e)}; first reported: {detail}") from None
+        raise TrainingError(
+            f"pipeline failed: {_failure_line(e)}; first reported: {detail}"
+        ) from None
     return results[0]
 
 
@@ -124,7 +126,8 @@ def _failure_line(e: Any) -> str:
     errored = [(r, f) for r, f in failures if f.exitcode > 0]
     rank, failure = (killed or errored or failures)[0]
     how = (
-        f"was killed by signal {failure.signal_name()}" if failure.exitcode < 0
+        f"was killed by signal {failure.signal_name()}"
+        if failure.exitcode < 0
         else f"exited with code {failure.exitcode}"
     )
     return f"stage {rank} {how}; the others were stopped"

@@ -15,9 +15,13 @@ from sidpipe.pipeline.trace import chrome_trace
 from sidpipe.trainer import History, write_summary
 
 
-def gather_and_write(ctx: DistContext, cfg: Config, run_dir: Path, result: dict[str, Any]) -> dict[str, Any]:
+def gather_and_write(
+    ctx: DistContext, cfg: Config, run_dir: Path, result: dict[str, Any]
+) -> dict[str, Any]:
     """Collective: only reached when every stage finished cleanly. Returns the summary on rank 0."""
-    gathered: list[dict[str, Any]] | None = [{} for _ in range(ctx.world)] if ctx.rank == 0 else None
+    gathered: list[dict[str, Any]] | None = (
+        [{} for _ in range(ctx.world)] if ctx.rank == 0 else None
+    )
     dist.gather_object(result, gathered, dst=0)
     if ctx.rank != 0:
         return {}

@@ -73,7 +73,9 @@ class SIDStageRunner:
     def __init__(self, ctx: DistContext, cfg: Config, run_dir: Path):
         self.ctx, self.cfg, self.run_dir = ctx, cfg, run_dir
         self.first, self.last = ctx.rank == 0, ctx.rank == ctx.world - 1
-        self.data = load_data(cfg.data, cfg.seed)  # every rank: shapes, sizes; only stage 0 iterates
+        self.data = load_data(
+            cfg.data, cfg.seed
+        )  # every rank: shapes, sizes; only stage 0 iterates
         net = build_net(cfg, self.data)
         ranges = partition_blocks(net.n_blocks, cfg.pipeline.stages, cfg.pipeline.partition)
         self.block_range = ranges[ctx.rank]
@@ -81,7 +83,9 @@ class SIDStageRunner:
         updates = max(1, total_steps(cfg, self.data) // cfg.sid.accumulate_steps)
         self.stage = SIDStage(StageModule(net, self.block_range), cfg, updates, ctx.device)
         del net  # keep only this stage's blocks alive
-        self.transport = Transport(ctx.rank, ctx.world, ctx.device, cfg.pipeline.queue_depth, ctx.staged)
+        self.transport = Transport(
+            ctx.rank, ctx.world, ctx.device, cfg.pipeline.queue_depth, ctx.staged
+        )
         self.tracer = Tracer(ctx.rank, enabled=cfg.pipeline.trace)
         self.fault = Fault.from_env(ctx.rank)
         self.metrics = JsonlWriter(run_dir / "metrics.jsonl")  # O_APPEND lines: safe across stages
@@ -115,8 +119,12 @@ class SIDStageRunner:
                     if name not in splits:
                         continue
                     for x, y in splits[name].epoch(0):
-                        yield Message(Kind.EVAL, split_id, epoch, x, uniform_prior(x.shape[0], k), y)
-                    yield Message(Kind.EVAL_END, split_id, epoch, torch.zeros(0, 2, dtype=torch.int64))
+                        yield Message(
+                            Kind.EVAL, split_id, epoch, x, uniform_prior(x.shape[0], k), y
+                        )
+                    yield Message(
+                        Kind.EVAL_END, split_id, epoch, torch.zeros(0, 2, dtype=torch.int64)
+                    )
             yield Message(Kind.EPOCH_END, step, epoch)
             epoch += 1
         yield Message(Kind.STOP, step, epoch)
@@ -171,9 +179,20 @@ class SIDStageRunner:
         self.loss_n = 0
         bad = [v for v in mean if not math.isfinite(v)]
         if bad:
-            raise TrainingError(f"step {self.step}: non-finite local loss {bad[0]} (modules {list(self.block_range)})")
-        self.metrics.write({"kind": "train", "stage": self.ctx.rank, "step": self.step, "epoch": epoch,
-                            "loss": mean, "modules": list(self.block_range)})
+            raise TrainingError(
+                f"step {self.step}: non-finite local loss {bad[0]} "
+                f"(modules {list(self.block_range)})"
+            )
+        self.metrics.write(
+            {
+                "kind": "train",
+                "stage": self.ctx.rank,
+                "step": self.step,
+                "epoch": epoch,
+                "loss": mean,
+                "modules": list(self.block_range),
+            }
+        )
         peer = self.ctx.peer_failure()
         if peer is not None:
             raise PeerFailure(f"stopping: {peer}")
@@ -193,7 +212,9 @@ class SIDStageRunner:
         """Append this stage's [hits, count] rows to the per-depth table travelling downstream."""
         split = SPLITS[msg.step]
         assert msg.h is not None
-        rows = torch.stack([self.hits[split], torch.full_like(self.hits[split], self.counts[split])], 1)
+        rows = torch.stack(
+            [self.hits[split], torch.full_like(self.hits[split], self.counts[split])], 1
+        )
         table = torch.cat([msg.h.cpu(), rows])
         self.hits[split].zero_()
         self.counts[split] = 0
@@ -202,7 +223,9 @@ class SIDStageRunner:
             acc = (table[:, 0].double() / table[:, 1].double()).tolist()
             self._eval_record[f"{split}_per_depth"] = acc
         else:
-            self.send(Message(Kind.EVAL_END, msg.step, msg.epoch, table.to(self.transport.comm_device)))
+            self.send(
+                Message(Kind.EVAL_END, msg.step, msg.epoch, table.to(self.transport.comm_device))
+            )
 
     def on_epoch_end(self, msg: Message) -> None:
         if self._train_t0 is not None:
@@ -214,15 +237,22 @@ class SIDStageRunner:
             record = {"kind": "eval", "step": msg.step, "epoch": msg.epoch, **self._eval_record}
             self.history.add(record)
             self.metrics.write(record)
-            print(f"{self.ctx.tag} epoch {msg.epoch} step {msg.step}: test accuracy "
-                  f"{record['test_per_depth'][-1]:.4f}", flush=True)
+            print(
+                f"{self.ctx.tag} epoch {msg.epoch} step {msg.step}: test accuracy "
+                f"{record['test_per_depth'][-1]:.4f}",
+                flush=True,
+            )
             self._eval_record = {}
         self.send(Message(Kind.EPOCH_END, msg.step, msg.epoch))
 
     # ---- the loop ---------------------------------------------------------------------
     def run(self) -> dict[str, Any]:
-        handlers = {Kind.TRAIN: self.on_train, Kind.EVAL: self.on_eval,
-                    Kind.EVAL_END: self.on_eval_end, Kind.EPOCH_END: self.on_epoch_end}
+        handlers = {
+            Kind.TRAIN: self.on_train,
+            Kind.EVAL: self.on_eval,
+            Kind.EVAL_END: self.on_eval_end,
+            Kind.EPOCH_END: self.on_epoch_end,
+        }
         start = time.perf_counter()
         for msg in self.messages():
             if msg.kind is Kind.STOP:

@@ -31,8 +31,15 @@ class Tracer:
 
     def events(self) -> list[dict[str, Any]]:
         return [
-            {"name": n, "ph": "X", "pid": 0, "tid": self.stage, "cat": "stage",
-             "ts": (t0 + self._offset) * 1e6, "dur": d * 1e6}
+            {
+                "name": n,
+                "ph": "X",
+                "pid": 0,
+                "tid": self.stage,
+                "cat": "stage",
+                "ts": (t0 + self._offset) * 1e6,
+                "dur": d * 1e6,
+            }
             for n, t0, d in self._spans
         ]
 
@@ -40,8 +47,15 @@ class Tracer:
 def chrome_trace(per_stage_events: list[list[dict[str, Any]]]) -> dict[str, Any]:
     events: list[dict[str, Any]] = []
     for stage, evs in enumerate(per_stage_events):
-        events.append({"name": "thread_name", "ph": "M", "pid": 0, "tid": stage,
-                       "args": {"name": f"stage {stage}"}})
+        events.append(
+            {
+                "name": "thread_name",
+                "ph": "M",
+                "pid": 0,
+                "tid": stage,
+                "args": {"name": f"stage {stage}"},
+            }
+        )
         events.extend(evs)
     t0 = min((e["ts"] for e in events if "ts" in e), default=0.0)
     for e in events:

@@ -82,7 +82,7 @@ class Transport:
     def __init__(self, rank: int, world: int, device: torch.device, queue_depth: int, staged: bool):
         self.rank, self.world = rank, world
         self.device = device
-        # gloo moves CPU tensors only: with CUDA compute over gloo, stage through pinned host memory.
+        # gloo moves CPU tensors only: CUDA compute over gloo stages through pinned host memory.
         self.staged = staged
         self.comm_device = torch.device("cpu") if (staged or device.type == "cpu") else device
         self.queue_depth = queue_depth
@@ -95,7 +95,9 @@ class Transport:
         if self.staged and t.device.type == "cuda":
             host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
             host.copy_(t, non_blocking=True)
-            torch.cuda.current_stream(t.device).synchronize()  # the copy must land before gloo reads
+            torch.cuda.current_stream(
+                t.device
+            ).synchronize()  # the copy must land before gloo reads
             t = host
         t = t.contiguous()
         pending.keep.append(t)
@@ -171,5 +173,7 @@ class Transport:
             w.wait()
         self.stats.recv_wait_s += time.perf_counter() - t0
         if self.comm_device != self.device:
-            h, p, y = (None if t is None else t.to(self.device, non_blocking=True) for t in (h, p, y))
+            h, p, y = (
+                None if t is None else t.to(self.device, non_blocking=True) for t in (h, p, y)
+            )
         return Message(kind, hdr[1], hdr[2], h, p, y)

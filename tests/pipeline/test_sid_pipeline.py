@@ -62,7 +62,9 @@ def test_traffic_is_forward_only_and_counted(tmp_path):
     net = build_model(ModelConfig(name="mlp", width=64, depth=4), data.in_shape, data.num_classes)
     assert Config().pipeline.queue_depth >= 1
     header, k = 16 * 8, data.num_classes
-    train_sizes = [64] * 22 + [len(data.train) - 22 * 64] + [64] * 2  # epoch 0 (23 batches), epoch 1
+    train_sizes = (
+        [64] * 22 + [len(data.train) - 22 * 64] + [64] * 2
+    )  # epoch 0 (23 batches), epoch 1
     test_sizes = [min(500, len(data.test) - i) for i in range(0, len(data.test), 500)]
     for stage, st in enumerate(stages[:-1]):
         width = math.prod(net.block_shapes()[st["modules"][-1]])
@@ -73,7 +75,8 @@ def test_traffic_is_forward_only_and_counted(tmp_path):
             sum(train_sizes + test_sizes * 2) * per_sample  # 2 evaluation passes (one per epoch)
             + header * (len(train_sizes) + 2 * len(test_sizes))  # TRAIN / EVAL messages
             + 2 * (header + n_rows * 2 * 8)  # EVAL_END with the per-depth table
-            + 2 * header + header  # EPOCH_END x2, STOP
+            + 2 * header
+            + header  # EPOCH_END x2, STOP
         )
         assert st["bytes_sent_forward"] == expected, f"stage {stage}"
     assert stages[-1]["bytes_sent_forward"] == 0  # the sink sends nothing
@@ -83,11 +86,28 @@ def test_traffic_is_forward_only_and_counted(tmp_path):
 
 
 def test_torchrun_launch_writes_one_summary(tmp_path):
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
-           "-m", "sidpipe.train", *TINY, "train.max_steps=10", "train.epochs=1",
-           "pipeline.stages=2", f"hydra.run.dir={tmp_path}"]
-    r = subprocess.run(cmd, capture_output=True, text=True, timeout=180, cwd=REPO,
-                       env={"OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin", "HOME": str(tmp_path)})
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc-per-node=2",
+        "-m",
+        "sidpipe.train",
+        *TINY,
+        "train.max_steps=10",
+        "train.epochs=1",
+        "pipeline.stages=2",
+        f"hydra.run.dir={tmp_path}",
+    ]
+    r = subprocess.run(
+        cmd,
+        capture_output=True,
+        text=True,
+        timeout=180,
+        cwd=REPO,
+        env={"OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin", "HOME": str(tmp_path)},
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     s = read_summary(tmp_path)
     assert s["stages"] == 2 and len(s["per_stage"]) == 2
@@ -96,10 +116,26 @@ def test_torchrun_launch_writes_one_summary(tmp_path):
 
 
 def test_torchrun_world_size_must_match_stages(tmp_path):
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
-           "-m", "sidpipe.train", *TINY, "pipeline.stages=3", f"hydra.run.dir={tmp_path}"]
-    r = subprocess.run(cmd, capture_output=True, text=True, timeout=120, cwd=REPO,
-                       env={"OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin", "HOME": str(tmp_path)})
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc-per-node=2",
+        "-m",
+        "sidpipe.train",
+        *TINY,
+        "pipeline.stages=3",
+        f"hydra.run.dir={tmp_path}",
+    ]
+    r = subprocess.run(
+        cmd,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=REPO,
+        env={"OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin", "HOME": str(tmp_path)},
+    )
     assert r.returncode != 0
     assert "world size 2 != pipeline.stages=3" in r.stderr
 
@@ -113,8 +149,12 @@ def test_torchrun_world_size_must_match_stages(tmp_path):
     ],
 )
 def test_faults_stop_every_process(kind, reason, tmp_path):
-    r = run_cli([*TINY, "pipeline.stages=3", "train.epochs=3", "train.log_every=1"], tmp_path,
-                timeout=90, env={"SIDPIPE_FAULT": f"stage=1,step=5,kind={kind}"})
+    r = run_cli(
+        [*TINY, "pipeline.stages=3", "train.epochs=3", "train.log_every=1"],
+        tmp_path,
+        timeout=90,
+        env={"SIDPIPE_FAULT": f"stage=1,step=5,kind={kind}"},
+    )
     assert r.returncode != 0
     assert reason in r.stderr, r.stderr[-2000:]
     assert not (tmp_path / "summary.json").exists()
@@ -128,9 +168,14 @@ def test_faults_stop_every_process(kind, reason, tmp_path):
     [
         (["pipeline.stages=5"], "pipeline.stages=5 exceeds the model's 4 blocks"),
         (["pipeline.stages=2", "pipeline.partition=[4]"], "pipeline.partition=[4] must list 1"),
-        (["pipeline.stages=2", "pipeline.partition=[1,2]"], "must list pipeline.stages-1=1 cut points"),
-        (["method=bp", "pipeline.stages=2", "pipeline.microbatches=3"],
-         "train.batch_size=64 is not divisible by pipeline.microbatches=3"),
+        (
+            ["pipeline.stages=2", "pipeline.partition=[1,2]"],
+            "must list pipeline.stages-1=1 cut points",
+        ),
+        (
+            ["method=bp", "pipeline.stages=2", "pipeline.microbatches=3"],
+            "train.batch_size=64 is not divisible by pipeline.microbatches=3",
+        ),
         (["sid.variant=shared", "pipeline.stages=2"], "cannot be pipelined"),
     ],
 )

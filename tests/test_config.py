@@ -1,0 +1,74 @@
+"""Config validation: bad values fail early with one line naming the key."""
+
+from __future__ import annotations
+
+import pytest
+
+from sidpipe.config import (
+    Config,
+    ConfigError,
+    DataConfig,
+    Method,
+    ModelConfig,
+    PipelineConfig,
+    Schedule,
+    SIDConfig,
+    TrainConfig,
+    Variant,
+)
+from tests.conftest import run_cli
+
+
+@pytest.mark.parametrize(
+    "build,message",
+    [
+        (lambda: ModelConfig(name="resnet99"), "model.name='resnet99' is unknown"),
+        (lambda: DataConfig(name="imagenet"), "data.name='imagenet' is unknown"),
+        (lambda: TrainConfig(batch_size=0), "train.batch_size must be >= 1"),
+        (lambda: TrainConfig(epochs=-1), "train.epochs must be >= 1"),
+        (lambda: PipelineConfig(stages=0), "pipeline.stages must be >= 1"),
+        (lambda: SIDConfig(alpha=1.5), "sid.alpha must be in [0, 1]"),
+        (lambda: DataConfig(label_noise=1.0), "data.label_noise must be in [0, 1)"),
+        (lambda: PipelineConfig(stages=3, partition=[1]), "must list pipeline.stages-1=2 cut points"),
+        (
+            lambda: Config(method=Method.bp, pipeline=PipelineConfig(stages=2, microbatches=3)),
+            "train.batch_size=64 is not divisible by pipeline.microbatches=3",
+        ),
+        (
+            lambda: Config(
+                method=Method.bp,
+                pipeline=PipelineConfig(stages=4, microbatches=2, schedule=Schedule.onef1b),
+            ),
+            "1f1b needs pipeline.microbatches >= pipeline.stages",
+        ),
+        (
+            lambda: Config(sid=SIDConfig(variant=Variant.shared), pipeline=PipelineConfig(stages=2)),
+            "cannot be pipelined",
+        ),
+    ],
+)
+def test_validation_messages(build, message):
+    with pytest.raises(ConfigError) as err:
+        build()
+    assert message in str(err.value)
+    assert "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize(
+    "overrides,message",
+    [
+        (["model=resnet99"], "Could not find 'model/resnet99'"),
+        (["data=imagenet"], "Could not find 'data/imagenet'"),
+        (["model.name=resnet99"], "model.name='resnet99' is unknown"),
+        (["train.batch_size=-4"], "train.batch_size must be >= 1"),
+        (["train.batch_sise=4"], "Key 'batch_sise' not in 'TrainConfig'"),
+        (["method=backprop"], "method"),
+        (["pipeline.stages=0"], "pipeline.stages must be >= 1"),
+        (["data=mnist", "data.root=/nonexistent/sidpipe-data"], "/nonexistent/sidpipe-data/MNIST/raw"),
+    ],
+)
+def test_cli_bad_input_exits_nonzero_with_reason(overrides, message, tmp_path):
+    r = run_cli(["pipeline.stages=1", *overrides], tmp_path, timeout=60)
+    assert r.returncode != 0
+    assert message in r.stderr, r.stderr[-1500:]
+    assert "Traceback" not in r.stderr

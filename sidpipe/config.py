@@ -44,6 +44,11 @@ class Schedule(str, Enum):
     onef1b = "1f1b"
 
 
+# OmegaConf parses an enum override by member *name*, and no Python name can be "1f1b":
+# register the value as a name too, so `pipeline.schedule=1f1b` (DESIGN §4) is accepted.
+Schedule._member_map_["1f1b"] = Schedule.onef1b
+
+
 class Device(str, Enum):
     auto = "auto"
     cpu = "cpu"
@@ -195,6 +200,8 @@ class TrainConfig:
     eval_batch_size: int = 500
     log_every: int = 20  # steps between metrics.jsonl lines
     eval_every_epoch: bool = True
+    eval_every_steps: int | None = None  # also evaluate every N steps (time-to-accuracy)
+    final_eval: bool = True  # evaluate at the end (benchmarks turn evaluation off)
 
     def __post_init__(self) -> None:
         _check(self.epochs >= 1, f"train.epochs must be >= 1 (got {self.epochs})")
@@ -208,6 +215,10 @@ class TrainConfig:
             f"train.eval_batch_size must be >= 1 (got {self.eval_batch_size})",
         )
         _check(self.log_every >= 1, f"train.log_every must be >= 1 (got {self.log_every})")
+        _check(
+            self.eval_every_steps is None or self.eval_every_steps >= 1,
+            f"train.eval_every_steps must be >= 1 (got {self.eval_every_steps})",
+        )
 
 
 @dataclass
@@ -235,6 +246,52 @@ class LoggerConfig:
 
 
 @dataclass
+class BenchConfig:
+    """`sidpipe bench`: SID vs GPipe vs 1F1B (and the sequential references) in one run."""
+
+    mode: str = "throughput"  # throughput | tta (time to accuracy)
+    stages: list[int] = field(default_factory=lambda: [2])  # sweep S
+    microbatches: list[int] = field(default_factory=lambda: [4])  # sweep M
+    batch_size: int = 256  # B of the BP schedules; a SID message is B/M samples
+    steps: int = 40  # BP batches per run (SID runs steps*M messages: the same samples)
+    warmup: int = 8  # BP batches left out of the timed windows (SID: warmup*M messages)
+    windows: int = 4  # timed windows; throughput is their median (min/max reported)
+    schemes: list[str] = field(
+        default_factory=lambda: ["sid", "gpipe", "1f1b", "seq_sid", "seq_bp"]
+    )
+    target_accuracy: float = 0.98  # tta mode
+    eval_every: int = 50  # tta mode: BP batches between validation evaluations
+    max_epochs: int = 5  # tta mode: give up after this many epochs
+    out_dir: str | None = None  # default benchmarks/results/<machine>-<date>
+
+    def __post_init__(self) -> None:
+        _check(
+            self.mode in ("throughput", "tta"),
+            f"bench.mode={self.mode!r} must be throughput or tta",
+        )
+        known = ("sid", "gpipe", "1f1b", "seq_sid", "seq_bp")
+        bad = [x for x in self.schemes if x not in known]
+        _check(not bad, f"bench.schemes has unknown {bad}; choose from {', '.join(known)}")
+        _check(
+            all(s >= 1 for s in self.stages), f"bench.stages must be >= 1 (got {list(self.stages)})"
+        )
+        _check(
+            all(m >= 1 for m in self.microbatches),
+            f"bench.microbatches must be >= 1 (got {list(self.microbatches)})",
+        )
+        for m in self.microbatches:
+            _check(
+                self.batch_size % m == 0,
+                f"bench.batch_size={self.batch_size} is not divisible by bench.microbatches={m}",
+            )
+        _check(self.steps > self.warmup >= 0, "bench.steps must exceed bench.warmup >= 0")
+        _check(
+            1 <= self.windows <= self.steps - self.warmup,
+            f"bench.windows must be in 1..bench.steps-bench.warmup (got {self.windows})",
+        )
+
+
+@dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -249,6 +306,7 @@ class Config:
     precision: Precision = Precision.fp32
     run_dir: str | None = None  # filled from hydra's output dir when None
     progress: bool | None = None  # progress bar; None = only on an interactive terminal
+    bench: BenchConfig = field(default_factory=BenchConfig)  # used by `sidpipe bench` only
 
     def __post_init__(self) -> None:
         # Cross-field checks: things no single group can know.

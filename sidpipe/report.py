@@ -14,7 +14,8 @@ def format_report(s: dict[str, Any]) -> str:
     lines = [
         f"== sidpipe: {s['method']}{variant}, {s['stages']} stage(s), "
         f"{s['model']} on {s['data']} ==",
-        f"test accuracy (last module): {s['test_accuracy']:.4f}",
+        "test accuracy (last module): "
+        + ("not evaluated" if s["test_accuracy"] is None else f"{s['test_accuracy']:.4f}"),
         "accuracy per depth: " + " ".join(f"{a:.3f}" for a in s["per_depth_accuracy"]),
         f"throughput: {s['samples_per_s']:.0f} samples/s   wall: {s['wall_s']:.1f} s",
     ]

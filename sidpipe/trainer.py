@@ -27,6 +27,7 @@ from sidpipe.models import BlockNet, build_model
 from sidpipe.models.heads import uniform_prior
 from sidpipe.models.partition import StageModule
 from sidpipe.models.shared import SharedSIDNet
+from sidpipe.pipeline.trace import Tracer, chrome_trace
 from sidpipe.stage import SIDStage, autocast, build_optimizer
 
 log = logging.getLogger("sidpipe")
@@ -293,11 +294,30 @@ def train_single(cfg: Config, run_dir: Path) -> dict[str, Any]:
         from tqdm import tqdm
 
         bar = tqdm(total=n_steps, desc=f"{cfg.method.value} train", unit="step")
+    tracer = Tracer(0, enabled=cfg.pipeline.trace)
+    every = cfg.train.eval_every_steps
     step, samples, train_s = 0, 0, 0.0
+
+    def evaluation(epoch: int) -> None:
+        record: dict[str, Any] = {"kind": "eval", "step": step, "epoch": epoch, "train_s": train_s}
+        for name, split in splits.items():
+            record[f"{name}_per_depth"] = evaluate(method, split, device)
+        history.add(record)
+        metrics.write(record)
+        if bar is None:
+            val = f" val {record['val_per_depth'][-1]:.4f}" if "val_per_depth" in record else ""
+            log.info(
+                "epoch %d step %d: test accuracy %.4f%s",
+                epoch,
+                step,
+                record["test_per_depth"][-1],
+                val,
+            )
+
     epoch = 0
     while step < n_steps:
-        t0 = time.perf_counter()
         for x, y in batches.epoch(epoch):
+            t0 = time.perf_counter()
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
             losses = method.step(x, y)
             step += 1
@@ -310,36 +330,31 @@ def train_single(cfg: Config, run_dir: Path) -> dict[str, Any]:
                 metrics.write({"kind": "train", "step": step, "epoch": epoch, "loss": loss_vals})
                 if bar is not None:
                     bar.set_postfix(loss=f"{loss_vals[-1]:.4f}")
+            t1 = time.perf_counter()
+            train_s += t1 - t0
+            tracer.add("train", t0, t1, n=int(y.numel()))
             if bar is not None:
                 bar.update(1)
             if step >= n_steps:
                 break
-        train_s += time.perf_counter() - t0
-        record: dict[str, Any] = {"kind": "eval", "step": step, "epoch": epoch}
-        last_epoch = step >= n_steps
-        if cfg.train.eval_every_epoch or last_epoch:
-            for name, split in splits.items():
-                record[f"{name}_per_depth"] = evaluate(method, split, device)
-            history.add(record)
-            metrics.write(record)
-            if bar is None:
-                log.info(
-                    "epoch %d step %d: test accuracy %.4f%s",
-                    epoch,
-                    step,
-                    record["test_per_depth"][-1],
-                    f" val {record['val_per_depth'][-1]:.4f}" if "val_per_depth" in record else "",
-                )
+            if every and step % every == 0:
+                evaluation(epoch)
+        done = step >= n_steps
+        if cfg.train.eval_every_epoch and not done or done and cfg.train.final_eval:
+            evaluation(epoch)
         epoch += 1
     if bar is not None:
         bar.close()
+    if cfg.pipeline.trace:
+        atomic_write_json(run_dir / "trace.json", chrome_trace([tracer.events()]))
     metrics.close()
     save_state(net.state_dict(), run_dir, 0)
-    final = history.epochs[-1]
+    final = history.epochs[-1] if history.epochs else {}
     result = {
-        "test_accuracy": final["test_per_depth"][-1],
-        "per_depth_accuracy": final["test_per_depth"],
+        "test_accuracy": final["test_per_depth"][-1] if final else None,
+        "per_depth_accuracy": final.get("test_per_depth", []),
         **history.selection(),
+        "evaluations": history.epochs,
         "epochs_run": epoch,
         "steps": step,
         "samples_per_s": samples / train_s if train_s > 0 else 0.0,

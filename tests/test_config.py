@@ -29,7 +29,10 @@ from tests.conftest import run_cli
         (lambda: PipelineConfig(stages=0), "pipeline.stages must be >= 1"),
         (lambda: SIDConfig(alpha=1.5), "sid.alpha must be in [0, 1]"),
         (lambda: DataConfig(label_noise=1.0), "data.label_noise must be in [0, 1)"),
-        (lambda: PipelineConfig(stages=3, partition=[1]), "must list pipeline.stages-1=2 cut points"),
+        (
+            lambda: PipelineConfig(stages=3, partition=[1]),
+            "must list pipeline.stages-1=2 cut points",
+        ),
         (
             lambda: Config(method=Method.bp, pipeline=PipelineConfig(stages=2, microbatches=3)),
             "train.batch_size=64 is not divisible by pipeline.microbatches=3",
@@ -42,7 +45,9 @@ from tests.conftest import run_cli
             "1f1b needs pipeline.microbatches >= pipeline.stages",
         ),
         (
-            lambda: Config(sid=SIDConfig(variant=Variant.shared), pipeline=PipelineConfig(stages=2)),
+            lambda: Config(
+                sid=SIDConfig(variant=Variant.shared), pipeline=PipelineConfig(stages=2)
+            ),
             "cannot be pipelined",
         ),
     ],
@@ -64,7 +69,10 @@ def test_validation_messages(build, message):
         (["train.batch_sise=4"], "Key 'batch_sise' not in 'TrainConfig'"),
         (["method=backprop"], "method"),
         (["pipeline.stages=0"], "pipeline.stages must be >= 1"),
-        (["data=mnist", "data.root=/nonexistent/sidpipe-data"], "/nonexistent/sidpipe-data/MNIST/raw"),
+        (
+            ["data=mnist", "data.root=/nonexistent/sidpipe-data"],
+            "/nonexistent/sidpipe-data/MNIST/raw",
+        ),
     ],
 )
 def test_cli_bad_input_exits_nonzero_with_reason(overrides, message, tmp_path):

@@ -35,8 +35,11 @@ def test_blockwise_module_loss_reaches_only_its_block_and_head():
         net.zero_grad(set_to_none=True)
         loss.backward(retain_graph=True)
         for j in range(net.n_blocks):
-            touched = [p.grad is not None and p.grad.abs().sum() > 0
-                       for m in (net.blocks[j], net.heads[j]) for p in m.parameters()]
+            touched = [
+                p.grad is not None and p.grad.abs().sum() > 0
+                for m in (net.blocks[j], net.heads[j])
+                for p in m.parameters()
+            ]
             if j == i:
                 assert all(touched), f"loss {i} must train all of block+head {i}"
             else:
@@ -91,9 +94,11 @@ def _reference_step(net: SharedSIDNet, opts, x, y, alpha):
     total = 0
     for i, m in enumerate(net.sid_modules):
         log_p = F.log_softmax(m(torch.cat((teachers[i], feats), 1)), 1)
-        total = total + alpha * F.kl_div(log_p, onehot, reduction="batchmean") + (
-            1 - alpha
-        ) * F.kl_div(log_p, teachers[i], reduction="batchmean")
+        total = (
+            total
+            + alpha * F.kl_div(log_p, onehot, reduction="batchmean")
+            + (1 - alpha) * F.kl_div(log_p, teachers[i], reduction="batchmean")
+        )
     total.backward()
     for o in opts:
         o.step()
@@ -141,22 +146,40 @@ def test_digits_smoke_reaches_093(name, overrides, tmp_path):
     assert r.returncode == 0, r.stderr[-2000:]
     s = read_summary(tmp_path)
     assert s["test_accuracy"] >= 0.93, f"{name}: {s['test_accuracy']}"
-    for key in ("method", "variant", "stages", "test_accuracy", "per_depth_accuracy", "samples_per_s",
-                "wall_s", "per_stage"):
+    for key in (
+        "method",
+        "variant",
+        "stages",
+        "test_accuracy",
+        "per_depth_accuracy",
+        "samples_per_s",
+        "wall_s",
+        "per_stage",
+    ):
         assert key in s
     for st in s["per_stage"]:
-        for key in ("busy_fraction", "bytes_sent_forward", "bytes_sent_backward", "peak_memory_bytes"):
+        for key in (
+            "busy_fraction",
+            "bytes_sent_forward",
+            "bytes_sent_backward",
+            "peak_memory_bytes",
+        ):
             assert key in st
     lines = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
-    assert any(rec["kind"] == "train" for rec in lines) and any(rec["kind"] == "eval" for rec in lines)
+    assert any(rec["kind"] == "train" for rec in lines) and any(
+        rec["kind"] == "eval" for rec in lines
+    )
     if name == "bp":
         assert len(s["per_depth_accuracy"]) == 1
     assert "test accuracy" in r.stdout
 
 
 def test_validation_split_selects_epoch(tmp_path):
-    r = run_cli(["pipeline.stages=1", "progress=false", "train.epochs=3", "data.val_fraction=0.2"],
-                tmp_path, timeout=120)
+    r = run_cli(
+        ["pipeline.stages=1", "progress=false", "train.epochs=3", "data.val_fraction=0.2"],
+        tmp_path,
+        timeout=120,
+    )
     assert r.returncode == 0, r.stderr[-2000:]
     s = read_summary(tmp_path)
     assert 0 <= s["val_selected_epoch"] < 3 and 0 < s["val_accuracy"] <= 1
@@ -165,8 +188,11 @@ def test_validation_split_selects_epoch(tmp_path):
 
 def test_label_noise_rate_in_summary(tmp_path):
     data = load_data(DataConfig(name="digits", label_noise=0.2), 0)
-    r = run_cli(["pipeline.stages=1", "progress=false", "train.epochs=1", "data.label_noise=0.2"],
-                tmp_path, timeout=120)
+    r = run_cli(
+        ["pipeline.stages=1", "progress=false", "train.epochs=1", "data.label_noise=0.2"],
+        tmp_path,
+        timeout=120,
+    )
     assert r.returncode == 0, r.stderr[-2000:]
     assert read_summary(tmp_path)["label_noise_rate"] == pytest.approx(data.noise_rate)
     assert 0.15 < data.noise_rate < 0.25

@@ -100,31 +100,37 @@ class SIDStageRunner:
         self.train_s = 0.0
         self._train_t0: float | None = None
         self._eval_record: dict[str, Any] = {}
+        self.expected_splits = [s for s in SPLITS if s == "test" or self.data.val is not None]
 
     # ---- the source: stage 0 turns the data into messages ---------------------------
     def source(self) -> Iterator[Message]:
         cfg, data = self.cfg, self.data
         n_steps = total_steps(cfg, data)
         batches, splits = train_batches(cfg, data), eval_splits(cfg, data)
-        step, epoch = 0, 0
+        every = cfg.train.eval_every_steps
         k = data.num_classes
+
+        def evaluation(step: int, epoch: int) -> Iterator[Message]:
+            for split_id, name in enumerate(SPLITS):
+                if name in splits:
+                    for x, y in splits[name].epoch(0):
+                        prior = uniform_prior(x.shape[0], k)
+                        yield Message(Kind.EVAL, step, epoch, x, prior, y, split=split_id)
+                    table = torch.zeros(0, 2, dtype=torch.int64)  # per-depth [hits, count]
+                    yield Message(Kind.EVAL_END, step, epoch, table, split=split_id)
+
+        step, epoch = 0, 0
         while step < n_steps:
             for x, y in batches.epoch(epoch):
                 yield Message(Kind.TRAIN, step, epoch, x, uniform_prior(x.shape[0], k), y)
                 step += 1
                 if step >= n_steps:
                     break
-            if cfg.train.eval_every_epoch or step >= n_steps:
-                for split_id, name in enumerate(SPLITS):
-                    if name not in splits:
-                        continue
-                    for x, y in splits[name].epoch(0):
-                        yield Message(
-                            Kind.EVAL, split_id, epoch, x, uniform_prior(x.shape[0], k), y
-                        )
-                    yield Message(
-                        Kind.EVAL_END, split_id, epoch, torch.zeros(0, 2, dtype=torch.int64)
-                    )
+                if every and step % every == 0:
+                    yield from evaluation(step, epoch)
+            done = step >= n_steps
+            if cfg.train.eval_every_epoch and not done or done and cfg.train.final_eval:
+                yield from evaluation(step, epoch)
             yield Message(Kind.EPOCH_END, step, epoch)
             epoch += 1
         yield Message(Kind.STOP, step, epoch)
@@ -168,7 +174,9 @@ class SIDStageRunner:
         self.loss_n += 1
         self.step += 1
         self.train_samples += msg.y.shape[0]
-        self.busy_s += (t1 - t0) + (time.perf_counter() - t2)
+        t3 = time.perf_counter()
+        self.busy_s += (t1 - t0) + (t3 - t2)
+        self.tracer.add("train", t0, t3, n=int(msg.y.shape[0]))  # one per message: throughput
         if self.step % self.cfg.train.log_every == 0:
             self.log_train(msg.epoch)
 
@@ -197,20 +205,27 @@ class SIDStageRunner:
         if peer is not None:
             raise PeerFailure(f"stopping: {peer}")
 
+    def pause_train_clock(self) -> None:
+        """Training time excludes evaluation: throughput and time-to-accuracy use it."""
+        if self._train_t0 is not None:
+            self.train_s += time.perf_counter() - self._train_t0
+            self._train_t0 = None
+
     def on_eval(self, msg: Message) -> None:
         assert msg.h is not None and msg.p is not None and msg.y is not None
+        self.pause_train_clock()
         t0 = time.perf_counter()
         with self.tracer.span("eval"):
             h_out, p_out, logits = self.stage.eval_forward(msg.h, msg.p)
-        split = SPLITS[msg.step]
+        split = SPLITS[msg.split]
         self.hits[split] += torch.stack([(z.argmax(-1) == msg.y).sum() for z in logits]).cpu()
         self.counts[split] += msg.y.shape[0]
         self.busy_s += time.perf_counter() - t0
-        self.send(Message(Kind.EVAL, msg.step, msg.epoch, h_out, p_out, msg.y))
+        self.send(Message(Kind.EVAL, msg.step, msg.epoch, h_out, p_out, msg.y, split=msg.split))
 
     def on_eval_end(self, msg: Message) -> None:
         """Append this stage's [hits, count] rows to the per-depth table travelling downstream."""
-        split = SPLITS[msg.step]
+        split = SPLITS[msg.split]
         assert msg.h is not None
         rows = torch.stack(
             [self.hits[split], torch.full_like(self.hits[split], self.counts[split])], 1
@@ -218,23 +233,20 @@ class SIDStageRunner:
         table = torch.cat([msg.h.cpu(), rows])
         self.hits[split].zero_()
         self.counts[split] = 0
-        if self.last:
-            assert table.shape[0] == self.n_depths, "per-depth table lost a stage"
-            acc = (table[:, 0].double() / table[:, 1].double()).tolist()
-            self._eval_record[f"{split}_per_depth"] = acc
-        else:
-            self.send(
-                Message(Kind.EVAL_END, msg.step, msg.epoch, table.to(self.transport.comm_device))
-            )
-
-    def on_epoch_end(self, msg: Message) -> None:
-        if self._train_t0 is not None:
-            self.train_s += time.perf_counter() - self._train_t0  # evaluation time excluded
-            self._train_t0 = None
-        if self.loss_n:
-            self.log_train(msg.epoch)
-        if self.last and self._eval_record:
-            record = {"kind": "eval", "step": msg.step, "epoch": msg.epoch, **self._eval_record}
+        if not self.last:
+            table = table.to(self.transport.comm_device)
+            self.send(Message(Kind.EVAL_END, msg.step, msg.epoch, table, split=msg.split))
+            return
+        assert table.shape[0] == self.n_depths, "per-depth table lost a stage"
+        self._eval_record[f"{split}_per_depth"] = (table[:, 0].double() / table[:, 1]).tolist()
+        if all(f"{s}_per_depth" in self._eval_record for s in self.expected_splits):
+            record = {
+                "kind": "eval",
+                "step": msg.step,
+                "epoch": msg.epoch,
+                "train_s": self.train_s,
+                **self._eval_record,
+            }
             self.history.add(record)
             self.metrics.write(record)
             print(
@@ -243,6 +255,11 @@ class SIDStageRunner:
                 flush=True,
             )
             self._eval_record = {}
+
+    def on_epoch_end(self, msg: Message) -> None:
+        self.pause_train_clock()
+        if self.loss_n:
+            self.log_train(msg.epoch)
         self.send(Message(Kind.EPOCH_END, msg.step, msg.epoch))
 
     # ---- the loop ---------------------------------------------------------------------

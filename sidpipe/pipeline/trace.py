@@ -15,7 +15,7 @@ class Tracer:
 
     def __init__(self, stage: int, enabled: bool):
         self.stage, self.enabled = stage, enabled
-        self._spans: list[tuple[str, float, float]] = []
+        self._spans: list[tuple[str, float, float, dict | None]] = []
         # perf_counter is per process; anchor it to the wall clock so stages line up.
         self._offset = time.time() - time.perf_counter()
 
@@ -24,24 +24,31 @@ class Tracer:
         if not self.enabled:
             yield
             return
-        with torch.profiler.record_function(f"stage{self.stage}/{name}"):
+        # Name the span for torch.profiler too, but only when one is recording (cost).
+        ctx = (
+            torch.profiler.record_function(f"stage{self.stage}/{name}")
+            if torch.autograd.profiler._is_profiler_enabled
+            else contextlib.nullcontext()
+        )
+        with ctx:
             t0 = time.perf_counter()
             yield
-            self._spans.append((name, t0, time.perf_counter() - t0))
+            self._spans.append((name, t0, time.perf_counter() - t0, None))
+
+    def add(self, name: str, t0: float, t1: float, **args: Any) -> None:
+        """A span measured by the caller (perf_counter times), with optional arguments."""
+        if self.enabled:
+            self._spans.append((name, t0, t1 - t0, args or None))
 
     def events(self) -> list[dict[str, Any]]:
-        return [
-            {
-                "name": n,
-                "ph": "X",
-                "pid": 0,
-                "tid": self.stage,
-                "cat": "stage",
-                "ts": (t0 + self._offset) * 1e6,
-                "dur": d * 1e6,
-            }
-            for n, t0, d in self._spans
-        ]
+        events = []
+        for n, t0, d, args in self._spans:
+            ev = {"name": n, "ph": "X", "pid": 0, "tid": self.stage, "cat": "stage",
+                  "ts": (t0 + self._offset) * 1e6, "dur": d * 1e6}  # fmt: skip
+            if args:
+                ev["args"] = args
+            events.append(ev)
+        return events
 
 
 def chrome_trace(per_stage_events: list[list[dict[str, Any]]]) -> dict[str, Any]:

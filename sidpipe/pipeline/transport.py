@@ -37,11 +37,12 @@ class Kind(IntEnum):
 @dataclass
 class Message:
     kind: Kind
-    step: int = 0  # training messages seen so far (TRAIN) / split id (EVAL*)
+    step: int = 0  # training step (index of the batch for TRAIN, steps done for the others)
     epoch: int = 0
     h: Tensor | None = None
     p: Tensor | None = None
     y: Tensor | None = None
+    split: int = 0  # EVAL / EVAL_END: which evaluation split
 
     def tensors(self) -> list[Tensor]:
         return [t for t in (self.h, self.p, self.y) if t is not None]
@@ -49,7 +50,7 @@ class Message:
 
 def _encode(msg: Message) -> Tensor:
     hdr = torch.zeros(HEADER_LEN, dtype=torch.int64)
-    hdr[0], hdr[1], hdr[2] = int(msg.kind), msg.step, msg.epoch
+    hdr[0], hdr[1], hdr[2], hdr[15] = int(msg.kind), msg.step, msg.epoch, msg.split
     if msg.h is not None:
         if msg.h.dim() > MAX_DIMS:
             raise ValueError(f"activation has {msg.h.dim()} dims; the header holds {MAX_DIMS}")
@@ -176,4 +177,4 @@ class Transport:
             h, p, y = (
                 None if t is None else t.to(self.device, non_blocking=True) for t in (h, p, y)
             )
-        return Message(kind, hdr[1], hdr[2], h, p, y)
+        return Message(kind, hdr[1], hdr[2], h, p, y, split=hdr[15])

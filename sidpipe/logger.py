@@ -20,6 +20,7 @@ later with `wandb sync <run_dir>/wandb/offline-run-*`).
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import numbers
@@ -127,6 +128,18 @@ class RunLogger:
         if log.isEnabledFor(logging.DEBUG):
             log.debug("%s", _format(record))
         self._forward(record)
+
+    def replay(self, path: Path, skip_stage: int) -> None:
+        """Forward (not re-write) the JSONL lines other pipeline stages appended to `path`.
+
+        Stages other than the logger's own write metrics.jsonl directly; their numbers reach
+        wandb here, at the end, so the training hot loop carries no metric traffic.
+        """
+        with open(path) as f:
+            for line in f:
+                record = json.loads(line)
+                if record.get("stage", skip_stage) != skip_stage or record.get("kind") == "eval":
+                    self._forward(record)
 
     def summary(self, summary: dict[str, Any]) -> None:
         """The final summary (summary.json itself is written by the trainer)."""

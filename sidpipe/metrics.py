@@ -52,7 +52,9 @@ class JsonlWriter:
         self._f.write(json.dumps(record, default=_json_default) + "\n")
         self._f.flush()
 
-    def close(self) -> None:
+    log = write  # same call as RunLogger.log, for stages that only append lines
+
+    def close(self, exit_code: int = 0) -> None:
         self._f.close()
 
 

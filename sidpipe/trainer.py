@@ -21,8 +21,9 @@ from torch import Tensor, nn
 
 from sidpipe.config import Config, Method, Variant, to_dict
 from sidpipe.data import Batches, DataBundle, load_data
+from sidpipe.logger import make_logger
 from sidpipe.loss import at_least_fp32, sid_loss
-from sidpipe.metrics import JsonlWriter, Stopwatch, atomic_write_json, peak_memory_bytes, save_state
+from sidpipe.metrics import Stopwatch, atomic_write_json, peak_memory_bytes, save_state
 from sidpipe.models import BlockNet, build_model
 from sidpipe.models.heads import uniform_prior
 from sidpipe.models.partition import StageModule
@@ -286,7 +287,7 @@ def train_single(cfg: Config, run_dir: Path) -> dict[str, Any]:
     updates = n_steps // (cfg.sid.accumulate_steps if cfg.method is Method.sid else 1)
     method = make_method(cfg, net, max(1, updates), device)
     batches, splits = train_batches(cfg, data), eval_splits(cfg, data)
-    metrics = JsonlWriter(run_dir / "metrics.jsonl")
+    metrics = make_logger(run_dir, to_dict(cfg), cfg.logger)
     history = History()
     watch = Stopwatch()
     bar = None
@@ -303,7 +304,7 @@ def train_single(cfg: Config, run_dir: Path) -> dict[str, Any]:
         for name, split in splits.items():
             record[f"{name}_per_depth"] = evaluate(method, split, device)
         history.add(record)
-        metrics.write(record)
+        metrics.log(record)
         if bar is None:
             val = f" val {record['val_per_depth'][-1]:.4f}" if "val_per_depth" in record else ""
             log.info(
@@ -327,7 +328,7 @@ def train_single(cfg: Config, run_dir: Path) -> dict[str, Any]:
                 for v in loss_vals:
                     if not math.isfinite(v):
                         raise TrainingError(f"non-finite loss {v} at step {step} (epoch {epoch})")
-                metrics.write({"kind": "train", "step": step, "epoch": epoch, "loss": loss_vals})
+                metrics.log({"kind": "train", "step": step, "epoch": epoch, "loss": loss_vals})
                 if bar is not None:
                     bar.set_postfix(loss=f"{loss_vals[-1]:.4f}")
             t1 = time.perf_counter()
@@ -347,7 +348,6 @@ def train_single(cfg: Config, run_dir: Path) -> dict[str, Any]:
         bar.close()
     if cfg.pipeline.trace:
         atomic_write_json(run_dir / "trace.json", chrome_trace([tracer.events()]))
-    metrics.close()
     save_state(net.state_dict(), run_dir, 0)
     final = history.epochs[-1] if history.epochs else {}
     result = {
@@ -371,4 +371,7 @@ def train_single(cfg: Config, run_dir: Path) -> dict[str, Any]:
             }
         ],
     }
-    return write_summary(run_dir, cfg, data, result)
+    summary = write_summary(run_dir, cfg, data, result)
+    metrics.summary(summary)
+    metrics.close()
+    return summary

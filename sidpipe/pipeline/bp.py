@@ -67,6 +67,21 @@ def full_batch_steps(cfg: Config, data: DataBundle) -> tuple[int, int]:
     return per_epoch, total
 
 
+def check_bp_layout(cfg: Config, data: DataBundle, net: nn.Module) -> None:
+    """What a BP pipeline needs beyond the SID checks; raised before any process starts
+    (launch.check_layout) and again on every rank (torchrun skips the launcher's check)."""
+    if not hasattr(net, "blocks"):
+        raise TrainingError(
+            "sid.variant=shared builds the reference repo's shared-extractor network, which has "
+            "no blocks to cut into stages: use sid.variant=blockwise for a BP pipeline"
+        )
+    if full_batch_steps(cfg, data)[0] == 0:
+        raise TrainingError(
+            f"the training split has {len(data.train)} samples, fewer than "
+            f"train.batch_size={cfg.train.batch_size}: a BP pipeline trains full batches only"
+        )
+
+
 def label_batches(split_batches: Batches, data: DataBundle) -> Batches:
     """The same batches (order, sizes) as `split_batches`, cheap: images cut to one pixel.
 
@@ -199,19 +214,10 @@ class BPStageRunner:
         self.clock = Clock(self.tracer)
         self.data = load_data(cfg.data, cfg.seed)  # every rank: shapes, sizes, labels
         self.per_epoch, self.n_steps = full_batch_steps(cfg, self.data)
-        if self.per_epoch == 0:
-            raise TrainingError(
-                f"the training split has {len(self.data.train)} samples, fewer than "
-                f"train.batch_size={cfg.train.batch_size}: a BP pipeline trains full batches only"
-            )
         self.dropped = len(self.data.train) - self.per_epoch * cfg.train.batch_size
         self.m = cfg.pipeline.microbatches
         net = build_net(cfg, self.data)
-        if not hasattr(net, "blocks"):
-            raise TrainingError(
-                "sid.variant=shared builds the reference repo's shared-extractor network, which "
-                "has no blocks to cut: use sid.variant=blockwise for a BP pipeline"
-            )
+        check_bp_layout(cfg, self.data, net)
         ranges = partition_blocks(net.n_blocks, cfg.pipeline.stages, cfg.pipeline.partition)
         self.block_range = ranges[ctx.rank]
         stage = StageModule(net, self.block_range)

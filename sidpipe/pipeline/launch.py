@@ -31,6 +31,10 @@ def check_layout(cfg: Config) -> None:
 
     data = load_data(cfg.data, cfg.seed)
     net = build_net(cfg, data)
+    if cfg.method is Method.bp:
+        from sidpipe.pipeline.bp import check_bp_layout
+
+        check_bp_layout(cfg, data, net)
     try:
         partition_blocks(net.n_blocks, cfg.pipeline.stages, cfg.pipeline.partition)
     except ValueError as e:
@@ -74,6 +78,10 @@ def stage_main(cfg: Config, run_dir: str) -> dict[str, Any]:
     from sidpipe.pipeline.report import gather_and_write
 
     summary = gather_and_write(ctx, cfg, Path(run_dir), result)
+    if ctx.rank == 0:  # the logger backend gets the other stages' lines and the summary
+        runner.metrics.replay(Path(run_dir) / "metrics.jsonl", skip_stage=0)
+        runner.metrics.summary(summary)
+    runner.metrics.close()
     shutdown()
     return summary
 

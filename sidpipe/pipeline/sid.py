@@ -19,8 +19,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from sidpipe.config import Config
+from sidpipe.config import Config, to_dict
 from sidpipe.data import load_data
+from sidpipe.logger import make_logger
 from sidpipe.metrics import JsonlWriter, peak_memory_bytes, save_state
 from sidpipe.models.heads import uniform_prior
 from sidpipe.models.partition import StageModule, partition_blocks
@@ -88,7 +89,13 @@ class SIDStageRunner:
         )
         self.tracer = Tracer(ctx.rank, enabled=cfg.pipeline.trace)
         self.fault = Fault.from_env(ctx.rank)
-        self.metrics = JsonlWriter(run_dir / "metrics.jsonl")  # O_APPEND lines: safe across stages
+        # Every stage appends its own lines (O_APPEND: safe across processes); rank 0 also owns
+        # the logger backend (wandb) and forwards the others' lines to it at the end.
+        self.metrics = (
+            make_logger(run_dir, to_dict(cfg), cfg.logger)
+            if ctx.rank == 0
+            else JsonlWriter(run_dir / "metrics.jsonl")
+        )
         self.history = History()
         self.step = 0  # training messages processed by this stage
         self.busy_s = 0.0
@@ -191,7 +198,7 @@ class SIDStageRunner:
                 f"step {self.step}: non-finite local loss {bad[0]} "
                 f"(modules {list(self.block_range)})"
             )
-        self.metrics.write(
+        self.metrics.log(
             {
                 "kind": "train",
                 "stage": self.ctx.rank,
@@ -248,7 +255,7 @@ class SIDStageRunner:
                 **self._eval_record,
             }
             self.history.add(record)
-            self.metrics.write(record)
+            self.metrics.log(record)
             print(
                 f"{self.ctx.tag} epoch {msg.epoch} step {msg.step}: test accuracy "
                 f"{record['test_per_depth'][-1]:.4f}",
@@ -279,7 +286,6 @@ class SIDStageRunner:
         self.transport.flush()
         wall = time.perf_counter() - start
         save_state(self.global_state_dict(), self.run_dir, self.ctx.rank)
-        self.metrics.close()
         st = self.transport.stats
         return {
             "stage": self.ctx.rank,

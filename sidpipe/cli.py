@@ -8,6 +8,7 @@ USAGE = """usage: sidpipe <command> [overrides...]
 
 commands:
   train   train a network (hydra overrides, e.g. model=simplecnn data=mnist pipeline.stages=2)
+  bench   SID vs GPipe vs 1F1B throughput / time to accuracy (bench.* overrides)
 """
 
 
@@ -23,6 +24,10 @@ def main(argv: list[str] | None = None) -> None:
         from sidpipe.train import main as train_main
 
         train_main()
+    elif command == "bench":
+        from sidpipe.bench import main as bench_main
+
+        bench_main()
     else:
         print(f"sidpipe: error: unknown command {command!r}\n{USAGE}", file=sys.stderr)
         sys.exit(2)

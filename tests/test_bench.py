@@ -1,0 +1,95 @@
+"""`sidpipe bench` end to end on a tiny configuration: JSON, table and plots, consistent."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from tests.conftest import REPO
+
+pytestmark = pytest.mark.timeout(600)
+
+
+@pytest.fixture(scope="module")
+def bench_result(tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench")
+    cmd = [
+        sys.executable,
+        "-m",
+        "sidpipe.cli",
+        "bench",
+        "data=digits",
+        "model=mlp",
+        "model.width=64",
+        "model.depth=4",
+        "pipeline.threads=1",
+        "progress=false",
+        "bench.stages=[2]",
+        "bench.microbatches=[2]",
+        "bench.batch_size=64",
+        "bench.steps=8",
+        "bench.warmup=2",
+        "bench.windows=2",
+        f"bench.out_dir={out}",
+        f"hydra.run.dir={out}/hydra",
+    ]
+    r = subprocess.run(
+        cmd,
+        capture_output=True,
+        text=True,
+        timeout=540,
+        cwd=REPO,
+        env={"PATH": "/usr/bin:/bin", "HOME": str(out), "OMP_NUM_THREADS": "1"},
+    )
+    assert r.returncode == 0, r.stderr[-3000:]
+    return out, json.loads((out / "bench.json").read_text()), r.stdout
+
+
+def test_outputs_exist(bench_result):
+    out, result, stdout = bench_result
+    for name in (
+        "bench.json",
+        "bench.md",
+        "samples_per_s_vs_stages.png",
+        "samples_per_s_vs_microbatches.png",
+        "stage_utilisation.png",
+        "timeline_sid_S2_M2.png",
+        "timeline_gpipe_S2_M2.png",
+    ):
+        assert (out / name).stat().st_size > 0, name
+    assert "sidpipe bench" in result["command"] and result["versions"]["torch"]
+    assert "| SID pipeline | 2 | 2 |" in stdout
+
+
+def test_numbers_consistent(bench_result):
+    _, result, _ = bench_result
+    rows = {r["scheme"]: r for r in result["rows"]}
+    assert set(rows) == {"sid", "gpipe", "1f1b", "seq_sid", "seq_bp"}
+    for r in rows.values():
+        assert r["samples_per_s"] > 0
+        assert r["samples_per_s_min"] <= r["samples_per_s"] <= r["samples_per_s_max"]
+        for st in r["per_stage"]:
+            assert 0 <= st["busy"] <= 1.0001 and 0 <= st["recv_wait"] <= 1.0001
+    sid = rows["sid"]
+    assert sid["ratio_vs_gpipe"] == pytest.approx(
+        sid["samples_per_s"] / rows["gpipe"]["samples_per_s"]
+    )
+    assert sid["ratio_vs_1f1b"] == pytest.approx(
+        sid["samples_per_s"] / rows["1f1b"]["samples_per_s"]
+    )
+    assert sid["efficiency"] == pytest.approx(
+        sid["samples_per_s"] / (2 * rows["seq_sid"]["samples_per_s"])
+    )
+    assert rows["gpipe"]["efficiency"] == pytest.approx(
+        rows["gpipe"]["samples_per_s"] / (2 * rows["seq_bp"]["samples_per_s"])
+    )
+    assert rows["gpipe"]["textbook_bubble"] == pytest.approx(1 / 3)
+    assert sid["bytes_backward_per_sample"] == 0
+    assert (
+        rows["gpipe"]["bytes_backward_per_sample"] > 0
+        and rows["1f1b"]["bytes_backward_per_sample"] > 0
+    )
+    assert sid["bytes_forward_per_sample"] > 0

@@ -246,6 +246,20 @@ class LoggerConfig:
 
 
 @dataclass
+class CheckpointConfig:
+    every_n_steps: int = 0  # 0 = no checkpoints
+    keep_last: int = 2
+    dir: str | None = None  # default <run_dir>/checkpoints
+
+    def __post_init__(self) -> None:
+        _check(
+            self.every_n_steps >= 0,
+            f"checkpoint.every_n_steps must be >= 0 (got {self.every_n_steps})",
+        )
+        _check(self.keep_last >= 1, f"checkpoint.keep_last must be >= 1 (got {self.keep_last})")
+
+
+@dataclass
 class BenchConfig:
     """`sidpipe bench`: SID vs GPipe vs 1F1B (and the sequential references) in one run."""
 
@@ -306,6 +320,8 @@ class Config:
     precision: Precision = Precision.fp32
     run_dir: str | None = None  # filled from hydra's output dir when None
     progress: bool | None = None  # progress bar; None = only on an interactive terminal
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    resume: str | None = None  # auto (newest good checkpoint of this run dir) | PATH
     bench: BenchConfig = field(default_factory=BenchConfig)  # used by `sidpipe bench` only
 
     def __post_init__(self) -> None:

@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from sidpipe import checkpoint
 from sidpipe.config import Config, Method, Variant, to_dict
 from sidpipe.data import Batches, DataBundle, load_data
 from sidpipe.logger import make_logger
@@ -97,6 +98,14 @@ class BlockwiseSID:
         self.net = net.to(device)
         self.device = device
         self.stage = SIDStage(StageModule(net, range(net.n_blocks)), cfg, total, device)
+        self.optimizers, self.schedulers = self.stage.optimizers, self.stage.schedulers
+
+    @property
+    def counters(self) -> dict[str, int]:
+        return {"messages": self.stage.messages}
+
+    def set_counters(self, c: dict[str, int]) -> None:
+        self.stage.messages = c["messages"]
 
     def step(self, x: Tensor, y: Tensor) -> list[Tensor]:
         p0 = uniform_prior(x.shape[0], self.net.num_classes, x.device)
@@ -117,6 +126,8 @@ class SharedSID:
         # One Adam for the extractor and one per module, as the reference code does.
         self.opts = [build_optimizer(net.extractor.parameters(), cfg.optim, total)]
         self.opts += [build_optimizer(m.parameters(), cfg.optim, total) for m in net.sid_modules]
+        self.optimizers = [o for o, _ in self.opts]
+        self.schedulers = [s for _, s in self.opts]
 
     def step(self, x: Tensor, y: Tensor) -> list[Tensor]:
         sid, net = self.cfg.sid, self.net
@@ -172,6 +183,7 @@ class Backprop:
             )
             self._fwd = net.bp_forward
         self.opt, self.sched = build_optimizer(params, cfg.optim, total)
+        self.optimizers, self.schedulers = [self.opt], [self.sched]
 
     def step(self, x: Tensor, y: Tensor) -> list[Tensor]:
         self.net.train()
@@ -193,6 +205,19 @@ class Backprop:
         self.net.eval()
         with autocast(self.device, self.cfg.precision):
             return [self._fwd(x).float()]
+
+
+def sched_state(sched: Any) -> dict[str, Any] | None:
+    """A scheduler's counters (its lambdas are code: rebuilt from the config, not saved)."""
+    if sched is None:
+        return None
+    return {k: v for k, v in sched.state_dict().items() if k != "lr_lambdas"}
+
+
+def restore_schedulers(schedulers: list[Any], states: list[dict[str, Any] | None]) -> None:
+    for sched, state in zip(schedulers, states, strict=True):
+        if sched is not None and state is not None:
+            sched.load_state_dict({**sched.state_dict(), **state})
 
 
 def make_method(cfg: Config, net: nn.Module, total: int, device: torch.device):
@@ -298,6 +323,24 @@ def train_single(cfg: Config, run_dir: Path) -> dict[str, Any]:
     tracer = Tracer(0, enabled=cfg.pipeline.trace)
     every = cfg.train.eval_every_steps
     step, samples, train_s = 0, 0, 0.0
+    epoch, start = 0, 0
+    module = method.stage.stage if isinstance(method, BlockwiseSID) else method.net
+    n_parts = net.n_blocks if isinstance(net, BlockNet) else net.n_modules
+    meta = {"stages": 1, "method": cfg.method.value, "partition": [[0, n_parts]],
+            "config": to_dict(cfg)}  # fmt: skip
+    resume = checkpoint.resolve_resume(cfg, run_dir)
+    if resume is not None:
+        checkpoint.check_compatible(checkpoint.verify(resume), cfg, meta["partition"], resume)
+        extra = checkpoint.load(resume, 0, module, method.optimizers)
+        step, samples, train_s = extra["step"], extra["samples"], extra["train_s"]
+        epoch, start = extra["epoch"], extra["batch"]
+        history.epochs = extra["history"]
+        restore_schedulers(method.schedulers, extra["schedulers"])
+        if hasattr(method, "set_counters"):
+            method.set_counters(extra["counters"])
+        log.info("resumed from %s at step %d", resume, step)
+        if bar is not None:
+            bar.update(step)
 
     def evaluation(epoch: int) -> None:
         record: dict[str, Any] = {"kind": "eval", "step": step, "epoch": epoch, "train_s": train_s}
@@ -315,9 +358,8 @@ def train_single(cfg: Config, run_dir: Path) -> dict[str, Any]:
                 val,
             )
 
-    epoch = 0
     while step < n_steps:
-        for x, y in batches.epoch(epoch):
+        for i, (x, y) in enumerate(batches.epoch(epoch, start=start), start=start):
             t0 = time.perf_counter()
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
             losses = method.step(x, y)
@@ -336,10 +378,19 @@ def train_single(cfg: Config, run_dir: Path) -> dict[str, Any]:
             tracer.add("train", t0, t1, n=int(y.numel()))
             if bar is not None:
                 bar.update(1)
+            if cfg.checkpoint.every_n_steps and step % cfg.checkpoint.every_n_steps == 0:
+                extra = {"step": step, "samples": samples, "train_s": train_s, "epoch": epoch,
+                         "batch": i + 1, "history": history.epochs,
+                         "schedulers": [sched_state(s) for s in method.schedulers],
+                         "counters": getattr(method, "counters", {})}  # fmt: skip
+                root = checkpoint.checkpoint_root(cfg, run_dir)
+                checkpoint.save(root, step, 0, 1, module, method.optimizers, extra, meta,
+                                cfg.checkpoint.keep_last)  # fmt: skip
             if step >= n_steps:
                 break
             if every and step % every == 0:
                 evaluation(epoch)
+        start = 0
         done = step >= n_steps
         if cfg.train.eval_every_epoch and not done or done and cfg.train.final_eval:
             evaluation(epoch)

@@ -19,6 +19,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from sidpipe import checkpoint
 from sidpipe.config import Config, to_dict
 from sidpipe.data import load_data
 from sidpipe.logger import make_logger
@@ -34,6 +35,8 @@ from sidpipe.trainer import (
     TrainingError,
     build_net,
     eval_splits,
+    restore_schedulers,
+    sched_state,
     total_steps,
     train_batches,
 )
@@ -108,6 +111,12 @@ class SIDStageRunner:
         self._train_t0: float | None = None
         self._eval_record: dict[str, Any] = {}
         self.expected_splits = [s for s in SPLITS if s == "test" or self.data.val is not None]
+        self.partition = [[r.start, r.stop] for r in ranges]
+        self.ckpt_root = checkpoint.checkpoint_root(cfg, run_dir)
+        self.resume_at = (0, 0)  # (epoch, batch index) stage 0 starts from
+        path = checkpoint.resolve_resume(cfg, run_dir)
+        if path is not None:
+            self.restore(path)
 
     # ---- the source: stage 0 turns the data into messages ---------------------------
     def source(self) -> Iterator[Message]:
@@ -126,15 +135,21 @@ class SIDStageRunner:
                     table = torch.zeros(0, 2, dtype=torch.int64)  # per-depth [hits, count]
                     yield Message(Kind.EVAL_END, step, epoch, table, split=split_id)
 
-        step, epoch = 0, 0
+        ckpt_every = cfg.checkpoint.every_n_steps
+        step = self.step
+        epoch, start = self.resume_at
         while step < n_steps:
-            for x, y in batches.epoch(epoch):
+            for i, (x, y) in enumerate(batches.epoch(epoch, start=start), start=start):
                 yield Message(Kind.TRAIN, step, epoch, x, uniform_prior(x.shape[0], k), y)
                 step += 1
+                if ckpt_every and step % ckpt_every == 0:
+                    # split = the next batch's index in this epoch: where a resume starts
+                    yield Message(Kind.CHECKPOINT, step, epoch, split=i + 1)
                 if step >= n_steps:
                     break
                 if every and step % every == 0:
                     yield from evaluation(step, epoch)
+            start = 0
             done = step >= n_steps
             if cfg.train.eval_every_epoch and not done or done and cfg.train.final_eval:
                 yield from evaluation(step, epoch)
@@ -263,6 +278,35 @@ class SIDStageRunner:
             )
             self._eval_record = {}
 
+    def on_checkpoint(self, msg: Message) -> None:
+        """Every stage saves its state after the same training step: a consistent cut."""
+        self.pause_train_clock()
+        self.send(msg)  # downstream saves while this stage does
+        extra = {
+            "step": self.step, "epoch": msg.epoch, "batch": msg.split,
+            "messages": self.stage.messages, "train_s": self.train_s,
+            "train_samples": self.train_samples, "history": self.history.epochs,
+            "schedulers": [sched_state(s) for s in self.stage.schedulers],
+        }  # fmt: skip
+        meta = {"stages": self.ctx.world, "method": self.cfg.method.value,
+                "partition": self.partition, "config": to_dict(self.cfg)}  # fmt: skip
+        with self.tracer.span("checkpoint"):
+            checkpoint.save(
+                self.ckpt_root, msg.step, self.ctx.rank, self.ctx.world, self.stage.stage,
+                self.stage.optimizers, extra, meta, self.cfg.checkpoint.keep_last, self.ctx.store,
+            )  # fmt: skip
+
+    def restore(self, path: Path) -> None:
+        meta = checkpoint.verify(path)
+        checkpoint.check_compatible(meta, self.cfg, self.partition, path)
+        extra = checkpoint.load(path, self.ctx.rank, self.stage.stage, self.stage.optimizers)
+        self.step, self.stage.messages = extra["step"], extra["messages"]
+        self.train_s, self.train_samples = extra["train_s"], extra["train_samples"]
+        self.history.epochs = extra["history"]
+        restore_schedulers(self.stage.schedulers, extra["schedulers"])
+        self.resume_at = (extra["epoch"], extra["batch"])
+        print(f"{self.ctx.tag} resumed from {path} at step {self.step}", flush=True)
+
     def on_epoch_end(self, msg: Message) -> None:
         self.pause_train_clock()
         if self.loss_n:
@@ -276,6 +320,7 @@ class SIDStageRunner:
             Kind.EVAL: self.on_eval,
             Kind.EVAL_END: self.on_eval_end,
             Kind.EPOCH_END: self.on_epoch_end,
+            Kind.CHECKPOINT: self.on_checkpoint,
         }
         start = time.perf_counter()
         for msg in self.messages():

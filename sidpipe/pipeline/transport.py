@@ -32,6 +32,7 @@ class Kind(IntEnum):
     EVAL_END = 3  # h = running per-depth [hits, count] table of the finished split
     EPOCH_END = 4  # no payload
     STOP = 5  # no payload: drain and finish
+    CHECKPOINT = 6  # no payload: save this stage's part of step `step`
 
 
 @dataclass

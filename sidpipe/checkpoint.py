@@ -1,0 +1,196 @@
+"""Training checkpoints: every stage saves its own part with torch.distributed.checkpoint.
+
+Layout under `<run_dir>/checkpoints/` (or `checkpoint.dir`):
+
+    step_00000040/            one directory per checkpointed step, complete or absent
+      meta.json               step, stages, partition, method, and size + sha256 of every file
+      stage0/ .metadata __0_0.distcp manifest.json
+      stage1/ ...
+
+A stage writes into `step_XXXXXXXX.tmp/stage{r}/`; the last stage to finish (a counter on
+the rendezvous store: no collective, so no stage waits for another) writes meta.json and
+renames the directory into place. A crash mid-save leaves only a `.tmp` directory, which
+is never loaded; a complete directory whose files were damaged later fails its checksum and
+`resume=auto` falls back to the previous good one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from sidpipe.config import Config, ConfigError
+from sidpipe.metrics import atomic_write_json
+
+log = logging.getLogger("sidpipe.checkpoint")
+PREFIX = "step_"
+
+
+class CheckpointError(ConfigError):
+    """A checkpoint that cannot be used, in one line naming its path."""
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _step_of(path: Path) -> int:
+    return int(path.name[len(PREFIX) :])
+
+
+def checkpoint_root(cfg: Config, run_dir: Path) -> Path:
+    return Path(cfg.checkpoint.dir) if cfg.checkpoint.dir else run_dir / "checkpoints"
+
+
+def verify(path: Path) -> dict[str, Any]:
+    """meta.json of a complete, undamaged checkpoint; CheckpointError otherwise."""
+    meta_path = path / "meta.json"
+    if not meta_path.exists():
+        raise CheckpointError(f"checkpoint {path} is incomplete (no meta.json)")
+    meta = json.loads(meta_path.read_text())
+    for rel, (size, digest) in meta["files"].items():
+        f = path / rel
+        if not f.exists() or f.stat().st_size != size or _sha256(f) != digest:
+            raise CheckpointError(
+                f"checkpoint {path} is damaged: {rel} does not match its checksum"
+            )
+    return meta
+
+
+def latest_good(root: Path) -> Path | None:
+    """The newest checkpoint that verifies; damaged ones are reported and skipped."""
+    if not root.exists():
+        return None
+    done = [
+        p for p in root.iterdir() if p.is_dir() and p.name.startswith(PREFIX) and "." not in p.name
+    ]
+    for path in sorted(done, key=_step_of, reverse=True):
+        try:
+            verify(path)
+            return path
+        except CheckpointError as e:
+            log.warning("%s; falling back to an earlier checkpoint", e)
+    return None
+
+
+def resolve_resume(cfg: Config, run_dir: Path) -> Path | None:
+    """`resume=auto`: the newest good checkpoint (or a fresh start); `resume=PATH`: that one."""
+    if cfg.resume is None:
+        return None
+    if cfg.resume == "auto":
+        return latest_good(checkpoint_root(cfg, run_dir))
+    path = Path(cfg.resume)
+    if not path.exists():
+        raise CheckpointError(f"resume={path} does not exist")
+    if path.name.startswith(PREFIX):
+        verify(path)
+        return path
+    found = latest_good(path if path.name == "checkpoints" else path / "checkpoints")
+    if found is None:
+        raise CheckpointError(f"resume={path}: no complete, undamaged checkpoint found there")
+    return found
+
+
+def check_compatible(
+    meta: dict[str, Any], cfg: Config, partition: list[list[int]], path: Path
+) -> None:
+    """Same method, stage count and cuts, or a clear refusal (re-partitioning is not done)."""
+    want = (cfg.pipeline.stages, cfg.method.value, partition)
+    if (meta["stages"], meta["method"], meta["partition"]) != want:
+        raise CheckpointError(
+            f"checkpoint {path} was written by a {meta['stages']}-stage {meta['method']} run "
+            f"(blocks per stage {meta['partition']}); resuming with pipeline.stages="
+            f"{cfg.pipeline.stages} method={cfg.method.value} (blocks {partition}) is not "
+            "supported: resume with the same layout, or export the model and start a new run"
+        )
+
+
+def _state(module: nn.Module, optimizers: list[torch.optim.Optimizer]) -> dict[str, Any]:
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    model_sd, optim_sd = get_state_dict(module, optimizers)
+    return {"model": model_sd, "optim": optim_sd}
+
+
+def save(
+    root: Path,
+    step: int,
+    stage: int,
+    world: int,
+    module: nn.Module,
+    optimizers: list[torch.optim.Optimizer],
+    extra: dict[str, Any],
+    meta: dict[str, Any],
+    keep_last: int,
+    store: Any = None,
+) -> Path | None:
+    """Save this stage's part of step `step`; the last stage to finish publishes it."""
+    import torch.distributed.checkpoint as dcp
+
+    tmp = root / f"{PREFIX}{step:08d}.tmp"
+    part = tmp / f"stage{stage}"
+    part.mkdir(parents=True, exist_ok=True)
+    state = _state(module, optimizers)
+    state["extra"] = {"torch_rng": torch.get_rng_state(), "json": json.dumps(extra)}
+    with warnings.catch_warnings():  # "assuming the intent is to save in a single process": yes
+        warnings.simplefilter("ignore", UserWarning)
+        dcp.save(state, checkpoint_id=part, no_dist=True)
+    files = {
+        str(f.relative_to(tmp)): [f.stat().st_size, _sha256(f)] for f in sorted(part.iterdir())
+    }
+    atomic_write_json(part / "manifest.json", files)
+    done = store.add(f"sidpipe/ckpt/{root}/{step}", 1) if store is not None else world
+    if done < world:
+        return None
+    # Last stage in: every part is on disk. Publish the step atomically.
+    all_files: dict[str, Any] = {}
+    for r in range(world):
+        all_files.update(json.loads((tmp / f"stage{r}" / "manifest.json").read_text()))
+    atomic_write_json(tmp / "meta.json", {**meta, "step": step, "files": all_files})
+    final = root / f"{PREFIX}{step:08d}"
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    _prune(root, keep_last)
+    log.info("checkpoint %s written", final)
+    return final
+
+
+def _prune(root: Path, keep_last: int) -> None:
+    done = sorted(
+        (p for p in root.iterdir() if p.name.startswith(PREFIX) and "." not in p.name), key=_step_of
+    )
+    for old in done[: max(0, len(done) - keep_last)]:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def load(
+    path: Path, stage: int, module: nn.Module, optimizers: list[torch.optim.Optimizer]
+) -> dict[str, Any]:
+    """Load this stage's part into module and optimizers; returns the saved `extra` dict."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import set_state_dict
+
+    state = _state(module, optimizers)
+    state["extra"] = {"torch_rng": torch.get_rng_state(), "json": ""}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        dcp.load(state, checkpoint_id=path / f"stage{stage}", no_dist=True)
+    set_state_dict(
+        module, optimizers, model_state_dict=state["model"], optim_state_dict=state["optim"]
+    )
+    torch.set_rng_state(state["extra"]["torch_rng"])
+    return json.loads(state["extra"]["json"])

@@ -9,6 +9,8 @@ USAGE = """usage: sidpipe <command> [overrides...]
 commands:
   train   train a network (hydra overrides, e.g. model=simplecnn data=mnist pipeline.stages=2)
   bench   SID vs GPipe vs 1F1B throughput / time to accuracy (bench.* overrides)
+  export  RUN_DIR|CHECKPOINT_DIR OUT.pt: one state_dict of the whole network
+  eval    MODEL.pt [key=value ...]: test accuracy of an exported model, per depth
 """
 
 
@@ -24,6 +26,10 @@ def main(argv: list[str] | None = None) -> None:
         from sidpipe.train import main as train_main
 
         train_main()
+    elif command in ("export", "eval"):
+        from sidpipe.export import main as export_main
+
+        export_main(command, argv)
     elif command == "bench":
         from sidpipe.bench import main as bench_main
 

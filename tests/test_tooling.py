@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 
@@ -59,3 +60,41 @@ def test_wandb_offline_from_a_pipeline_run(tmp_path):
     assert len(blob) > 1000
     for key in (b"test_per_depth", b"loss", b"test_accuracy", b"busy_fraction"):
         assert key in blob, key
+
+
+def test_export_load_eval_reproduces_pipeline_accuracy(tmp_path):
+    run = tmp_path / "run"
+    r = run_cli([*TINY, "pipeline.stages=2", "train.epochs=2", "checkpoint.every_n_steps=46"], run)
+    assert r.returncode == 0, r.stderr[-2000:]
+    s = read_summary(run)
+    last_ckpt = max((run / "checkpoints").glob("step_*"))
+    assert last_ckpt.name == "step_00000046"  # the final step: same parameters as the run's end
+    for source, out in ((run, tmp_path / "a.pt"), (last_ckpt, tmp_path / "b.pt")):
+        e = subprocess.run(
+            [sys.executable, "-m", "sidpipe.cli", "export", str(source), str(out)],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            cwd=REPO,
+        )
+        assert e.returncode == 0, e.stderr[-2000:]
+        v = subprocess.run(
+            [sys.executable, "-m", "sidpipe.cli", "eval", str(out)],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            cwd=REPO,
+        )
+        assert v.returncode == 0, v.stderr[-2000:]
+        got = json.loads(v.stdout)
+        assert got["per_depth_accuracy"] == s["per_depth_accuracy"], source
+    # a plain state_dict: loads into the single-process model with weights_only
+    import torch
+
+    from sidpipe.config import DataConfig, ModelConfig
+    from sidpipe.data import load_data
+    from sidpipe.models import build_model
+
+    data = load_data(DataConfig(name="digits"), 0)
+    net = build_model(ModelConfig(name="mlp", width=64, depth=4), data.in_shape, data.num_classes)
+    net.load_state_dict(torch.load(tmp_path / "a.pt", weights_only=True))

@@ -17,6 +17,7 @@ from torch import Tensor, nn
 
 from sidpipe.config import Config, OptimConfig, Precision
 from sidpipe.loss import sid_loss
+from sidpipe.memory import MemoryProbe
 from sidpipe.models.partition import StageModule
 
 
@@ -55,7 +56,14 @@ def autocast(device: torch.device, precision: Precision) -> contextlib.AbstractC
 class SIDStage:
     """Blocks, heads and one optimizer per SID module of a stage."""
 
-    def __init__(self, stage: StageModule, cfg: Config, total_updates: int, device: torch.device):
+    def __init__(
+        self,
+        stage: StageModule,
+        cfg: Config,
+        total_updates: int,
+        device: torch.device,
+        probe: MemoryProbe | None = None,
+    ):
         self.stage = stage.to(device)
         self.cfg = cfg
         self.device = device
@@ -69,6 +77,9 @@ class SIDStage:
             self.optimizers.append(opt)
             self.schedulers.append(sched)
         self.messages = 0  # training messages seen (for sid.accumulate_steps)
+        self.probe = probe
+        if probe is not None:
+            probe.attach(stage.blocks)
 
     @property
     def n_modules(self) -> int:
@@ -97,6 +108,8 @@ class SIDStage:
         for loss in losses:
             (loss / k if k > 1 else loss).backward()
         self.messages += 1
+        if self.probe is not None:  # gradients are alive now, activations not yet freed
+            self.probe.sample()
         if self.messages % k == 0:
             for opt, sched in zip(self.optimizers, self.schedulers):
                 opt.step()

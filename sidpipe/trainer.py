@@ -24,7 +24,8 @@ from sidpipe.config import Config, Method, Variant, to_dict
 from sidpipe.data import Batches, DataBundle, load_data
 from sidpipe.logger import make_logger
 from sidpipe.loss import at_least_fp32, sid_loss
-from sidpipe.metrics import Stopwatch, atomic_write_json, peak_memory_bytes, save_state
+from sidpipe.memory import MemoryProbe
+from sidpipe.metrics import Stopwatch, atomic_write_json, save_state
 from sidpipe.models import BlockNet, build_model
 from sidpipe.models.heads import uniform_prior
 from sidpipe.models.partition import StageModule
@@ -307,7 +308,9 @@ def train_single(cfg: Config, run_dir: Path) -> dict[str, Any]:
             data.noise_rate,
             len(data.train),
         )
+    memory = MemoryProbe(device)  # baseline before the model exists
     net = build_net(cfg, data)
+    memory.attach(net.blocks if isinstance(net, BlockNet) else nn.ModuleList([net.extractor]))
     n_steps = total_steps(cfg, data)
     updates = n_steps // (cfg.sid.accumulate_steps if cfg.method is Method.sid else 1)
     method = make_method(cfg, net, max(1, updates), device)
@@ -363,6 +366,7 @@ def train_single(cfg: Config, run_dir: Path) -> dict[str, Any]:
             t0 = time.perf_counter()
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
             losses = method.step(x, y)
+            memory.sample()
             step += 1
             samples += y.numel()
             if step % cfg.train.log_every == 0 or step == n_steps:
@@ -418,7 +422,7 @@ def train_single(cfg: Config, run_dir: Path) -> dict[str, Any]:
                 "recv_wait_fraction": 0.0,
                 "bytes_sent_forward": 0,
                 "bytes_sent_backward": 0,
-                "peak_memory_bytes": peak_memory_bytes(device),
+                **memory.report(),
             }
         ],
     }

@@ -23,7 +23,8 @@ from sidpipe import checkpoint
 from sidpipe.config import Config, to_dict
 from sidpipe.data import load_data
 from sidpipe.logger import make_logger
-from sidpipe.metrics import JsonlWriter, peak_memory_bytes, save_state
+from sidpipe.memory import MemoryProbe
+from sidpipe.metrics import JsonlWriter, save_state
 from sidpipe.models.heads import uniform_prior
 from sidpipe.models.partition import StageModule, partition_blocks
 from sidpipe.pipeline.dist import DistContext
@@ -80,12 +81,15 @@ class SIDStageRunner:
         self.data = load_data(
             cfg.data, cfg.seed
         )  # every rank: shapes, sizes; only stage 0 iterates
+        self.memory = MemoryProbe(ctx.device)  # baseline before the model exists
         net = build_net(cfg, self.data)
         ranges = partition_blocks(net.n_blocks, cfg.pipeline.stages, cfg.pipeline.partition)
         self.block_range = ranges[ctx.rank]
         self.n_depths = net.n_blocks
         updates = max(1, total_steps(cfg, self.data) // cfg.sid.accumulate_steps)
-        self.stage = SIDStage(StageModule(net, self.block_range), cfg, updates, ctx.device)
+        self.stage = SIDStage(
+            StageModule(net, self.block_range), cfg, updates, ctx.device, self.memory
+        )
         del net  # keep only this stage's blocks alive
         self.transport = Transport(
             ctx.rank, ctx.world, ctx.device, cfg.pipeline.queue_depth, ctx.staged
@@ -342,7 +346,7 @@ class SIDStageRunner:
             "bytes_sent_backward": st.bytes_backward,
             "messages_sent": st.messages_sent,
             "train_messages": self.step,
-            "peak_memory_bytes": peak_memory_bytes(self.ctx.device),
+            **self.memory.report(),
             "wall_s": wall,
             "_train_samples": self.train_samples,
             "_train_s": self.train_s,

@@ -33,6 +33,7 @@ log = logging.getLogger("sidpipe.bench")
 
 # Span names of the runners' traces, by category.
 BUSY = {"forward", "backward+step", "compute", "forward+backward", "step", "train-seq"}
+BUSY |= {"backward", "loss", "optimizer"}  # the BP runner's clock states (pipeline/bp.py)
 RECV = {"recv-wait", "recv"}
 SEND = {"send", "send-wait"}
 

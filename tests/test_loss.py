@@ -64,7 +64,7 @@ def test_finite_when_beliefs_have_zeros(direction):
 
 def test_prev_belief_gets_no_gradient():
     z = torch.randn(2, 3, requires_grad=True)
-    prev = torch.softmax(torch.randn(2, 3, requires_grad=True), -1)
+    prev = torch.softmax(torch.randn(2, 3), -1).requires_grad_()  # a leaf that could get .grad
     sid_loss(z, torch.tensor([0, 1]), prev).backward()
     assert prev.grad is None  # stop-gradient on the teacher belief
 

@@ -18,10 +18,11 @@ Choices (see the report in the README):
   one header + activation per batch); the last stage counts the hits.
 - Bytes: summed from the tensors of the send ops the engine builds (`get_fwd_send_ops` /
   `get_bwd_send_ops`), not from a formula. Evaluation traffic is counted apart.
-- Time: a per-stage clock splits the run into forward / backward / loss / optimizer / data /
-  eval (busy) and recv-wait / send-wait (everything else: blocked on a neighbour, or the
-  engine's own overhead). Under 1F1B the engine fuses a send and a recv into one batched op;
-  the wait for it counts as recv-wait.
+- Time: a per-stage clock splits the run into forward / backward / loss / optimizer / eval
+  (busy), data (preparing batches), and recv-wait / send-wait (the rest: blocked on a
+  neighbour, or the engine's own overhead). Under 1F1B the engine fuses a send and a recv into
+  one batched op; the wait for it counts as recv-wait. The bubble is measured inside
+  `schedule.step` from the second step on (the first also infers the p2p shapes).
 """
 
 from __future__ import annotations
@@ -40,8 +41,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe
 
-from sidpipe.config import Config, Schedule
+from sidpipe.config import Config, Schedule, to_dict
 from sidpipe.data import Batches, DataBundle, load_data
+from sidpipe.logger import make_logger
 from sidpipe.loss import at_least_fp32
 from sidpipe.metrics import JsonlWriter, peak_memory_bytes, save_state
 from sidpipe.models.partition import StageModule, partition_blocks
@@ -51,8 +53,11 @@ from sidpipe.pipeline.trace import Tracer
 from sidpipe.stage import autocast, build_optimizer
 from sidpipe.trainer import History, TrainingError, build_net, eval_splits
 
-BUSY = ("forward", "backward", "loss", "optimizer", "data", "eval")
+# Clock states (also the trace's span names). Busy as in the SID runner: compute, not data
+# preparation; "data" is neither busy nor waiting.
+BUSY = ("forward", "backward", "loss", "optimizer", "eval")
 COMPUTE = ("forward", "backward", "loss")  # what the schedule itself computes
+UNTRACED = ("setup", "done")
 HEADER_LEN = 16
 _DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.float64]
 _EVAL_BATCH, _EVAL_END = 1, 2
@@ -116,8 +121,8 @@ class Clock:
             return
         d = now - self.t
         self.totals[self.state] = self.totals.get(self.state, 0.0) + d
-        if self.tracer.enabled and d > 0:
-            self.tracer._spans.append((self.state, self.t, d))
+        if d > 0 and self.state not in UNTRACED:
+            self.tracer.add(self.state, self.t, now)
         self.state, self.t = state, now
 
     def total(self, states: tuple[str, ...]) -> float:
@@ -143,7 +148,8 @@ class BPStageModule(nn.Module):
             h = self.fault.apply(self.step, h)
         with autocast(self.device, self.precision):
             out = self.stage.bp_forward(h)
-        return at_least_fp32(out) if self.stage.is_last else out
+        # gloo sends contiguous tensors only (a conv block can hand over a strided view)
+        return at_least_fp32(out) if self.stage.is_last else out.contiguous()
 
 
 class CountingStage(PipelineStage):
@@ -234,7 +240,13 @@ class BPStageRunner:
         self.schedule = schedule_cls(self.pstage, self.m, loss_fn=self._loss, scale_grads=False)
         timeout = timedelta(seconds=cfg.pipeline.timeout_s)
         self.eval_group = dist.new_group(timeout=timeout)  # evaluation traffic: its own channel
-        self.metrics = JsonlWriter(run_dir / "metrics.jsonl")
+        # Every stage appends its own lines (O_APPEND); rank 0 owns the logger backend, and
+        # launch.stage_main forwards the other stages' lines to it and closes it at the end.
+        self.metrics = (
+            make_logger(run_dir, to_dict(cfg), cfg.logger)
+            if ctx.rank == 0
+            else JsonlWriter(run_dir / "metrics.jsonl")
+        )
         self.history = History()
         self.loss_sum = torch.zeros((), device=ctx.device)
         self.loss_n = 0
@@ -254,6 +266,7 @@ class BPStageRunner:
 
     # ---- training ----------------------------------------------------------------------
     def train_step(self, x: Tensor | None, y: Tensor | None) -> None:
+        t_start = time.perf_counter()
         self.opt.zero_grad(set_to_none=True)
         self.module.step = self.step
         t0, c0 = time.perf_counter(), self.clock.total(COMPUTE)
@@ -289,6 +302,9 @@ class BPStageRunner:
             self.loss_sum += torch.stack([loss.detach() for loss in losses]).sum()
             self.loss_n += 1
         self.step += 1
+        self.train_samples += self.cfg.train.batch_size
+        # one span per batch (the sink's give the benchmarks their steady-state throughput)
+        self.tracer.add("train", t_start, time.perf_counter(), n=self.cfg.train.batch_size)
 
     def log_train(self, epoch: int) -> None:
         """At log intervals: the loss line (last stage), NaN check, peers' failures."""
@@ -298,7 +314,7 @@ class BPStageRunner:
             self.loss_n = 0
             if not math.isfinite(mean):
                 raise TrainingError(f"step {self.step}: non-finite loss {mean} (epoch {epoch})")
-            self.metrics.write(
+            self.metrics.log(
                 {
                     "kind": "train",
                     "stage": self.ctx.rank,
@@ -372,6 +388,7 @@ class BPStageRunner:
         while True:
             if self.first:
                 assert inputs is not None
+                self.clock.enter("data")
                 x = next(inputs, None)
                 h = None if x is None else x[0].to(self.ctx.device)
             else:
@@ -399,8 +416,14 @@ class BPStageRunner:
         return hits / n if self.last and n else None
 
     def run_eval(self, epoch: int) -> None:
+        """Every split through the pipeline; the last stage records and prints the result."""
         splits = eval_splits(self.cfg, self.data)
-        record: dict[str, Any] = {"kind": "eval", "step": self.step, "epoch": epoch}
+        record: dict[str, Any] = {
+            "kind": "eval",
+            "step": self.step,
+            "epoch": epoch,
+            "train_s": self.train_s,  # training time so far (time to accuracy)
+        }
         for name in SPLITS:
             if name in splits:
                 acc = self.evaluate(name, splits[name])
@@ -408,7 +431,7 @@ class BPStageRunner:
                     record[f"{name}_per_depth"] = [acc]
         if self.last:
             self.history.add(record)
-            self.metrics.write(record)
+            self.metrics.log(record)
             print(
                 f"{self.ctx.tag} epoch {epoch} step {self.step}: test accuracy "
                 f"{record['test_per_depth'][-1]:.4f}",
@@ -418,6 +441,7 @@ class BPStageRunner:
     # ---- the loop ----------------------------------------------------------------------
     def run(self) -> dict[str, Any]:
         cfg = self.cfg
+        every = cfg.train.eval_every_steps
         if self.first and self.dropped:
             print(
                 f"{self.ctx.tag} BP pipeline: full batches only, the last {self.dropped} of "
@@ -434,23 +458,27 @@ class BPStageRunner:
             self.clock.enter("data")
             for x, y in self.batches(epoch):
                 self.train_step(x, y)
-                self.train_samples += cfg.train.batch_size
                 if self.step % cfg.train.log_every == 0 or self.step == self.n_steps:
                     self.log_train(epoch)
                 if self.step >= self.n_steps:
                     break
+                if every and self.step % every == 0:
+                    self.train_s += time.perf_counter() - t0  # evaluation time excluded
+                    self.run_eval(epoch)
+                    self.module.train()
+                    t0 = time.perf_counter()
                 self.clock.enter("data")
             self.clock.enter("send-wait")
-            self.train_s += time.perf_counter() - t0  # evaluation time excluded
+            self.train_s += time.perf_counter() - t0
             if self.loss_n:
                 self.log_train(epoch)
-            if cfg.train.eval_every_epoch or self.step >= self.n_steps:
+            done = self.step >= self.n_steps
+            if cfg.train.eval_every_epoch and not done or done and cfg.train.final_eval:
                 self.run_eval(epoch)
             epoch += 1
         self.clock.enter("done")
         wall = time.perf_counter() - start
         save_state(self.global_state_dict(), self.run_dir, self.ctx.rank)
-        self.metrics.close()
         busy = self.clock.total(BUSY)
         steady = self._steady_step_s
         return {

@@ -146,7 +146,9 @@ class SIDConfig:
 @dataclass
 class PipelineConfig:
     stages: int = 1  # processes; 1 = single process
-    partition: list[int] | None = None  # S-1 cut points (block index where each later stage starts)
+    # S-1 cut points (block index where each later stage starts), or "auto" (measure, balance)
+    partition: Any = None
+    auto_bandwidth_gbs: float = 5.0  # partition=auto: cost of sending a message, GB/s
     schedule: Schedule = Schedule.gpipe  # BP only
     microbatches: int = 4  # BP schedules only; a SID message is one batch
     queue_depth: int = 2  # outstanding isends per stage (backpressure)
@@ -163,7 +165,12 @@ class PipelineConfig:
         _check(self.queue_depth >= 1, f"pipeline.queue_depth must be >= 1 (got {self.queue_depth})")
         _check(self.timeout_s > 0, f"pipeline.timeout_s must be > 0 (got {self.timeout_s})")
         _check(self.threads >= 1, f"pipeline.threads must be >= 1 (got {self.threads})")
-        if self.partition is not None:
+        if isinstance(self.partition, str):
+            _check(
+                self.partition == "auto",
+                f"pipeline.partition={self.partition!r} must be a list of cut points or auto",
+            )
+        elif self.partition is not None:
             _check(
                 len(self.partition) == self.stages - 1,
                 f"pipeline.partition={list(self.partition)} must list pipeline.stages-1="

@@ -7,6 +7,8 @@ the workers and, when one fails or is killed, stops the others, so no peer is le
 
 from __future__ import annotations
 
+import copy
+import json
 import logging
 import os
 import sys
@@ -19,6 +21,7 @@ from sidpipe.config import Config, Method
 from sidpipe.trainer import TrainingError
 
 RUN_DIR_KEY = "sidpipe/run_dir"
+CUTS_KEY = "sidpipe/partition"
 LOST_PEER = ("Connection reset by peer", "Connection closed by peer", "Broken pipe")
 FAILURE_FILE = "failure.txt"  # the first failing stage's one-line reason
 
@@ -41,6 +44,21 @@ def check_layout(cfg: Config) -> None:
         raise TrainingError(str(e)) from None
 
 
+def resolve_auto_partition(cfg: Config, local_rank: int = 0) -> Config:
+    """`pipeline.partition=auto` -> concrete cut points, measured on this process's device."""
+    if cfg.pipeline.partition != "auto":
+        return cfg
+    from sidpipe.data import load_data
+    from sidpipe.pipeline.balance import auto_partition
+    from sidpipe.trainer import build_net, select_device
+
+    data = load_data(cfg.data, cfg.seed)
+    cuts = auto_partition(cfg, data, build_net(cfg, data), select_device(cfg, local_rank))
+    cfg = copy.deepcopy(cfg)
+    cfg.pipeline.partition = cuts
+    return cfg
+
+
 def stage_main(cfg: Config, run_dir: str) -> dict[str, Any]:
     """One stage process. Returns the summary on rank 0, {} elsewhere; exits non-zero on failure."""
     from sidpipe.pipeline.dist import init_distributed, shutdown
@@ -51,6 +69,13 @@ def stage_main(cfg: Config, run_dir: str) -> dict[str, Any]:
         ctx.store.set(RUN_DIR_KEY, run_dir)
     else:
         run_dir = ctx.store.get(RUN_DIR_KEY).decode()
+    if cfg.pipeline.partition == "auto":  # under torchrun: rank 0 measures, everyone uses it
+        if ctx.rank == 0:
+            cfg = resolve_auto_partition(cfg, ctx.local_rank)
+            ctx.store.set(CUTS_KEY, json.dumps(cfg.pipeline.partition))
+        else:
+            cfg = copy.deepcopy(cfg)
+            cfg.pipeline.partition = json.loads(ctx.store.get(CUTS_KEY).decode())
     runner = None
     try:
         if cfg.method is Method.bp:
@@ -91,6 +116,7 @@ def run_pipeline(cfg: Config, run_dir: Path) -> dict[str, Any]:
 
     if under_torchrun():
         return stage_main(cfg, str(run_dir))
+    cfg = resolve_auto_partition(cfg)
     check_layout(cfg)
     (run_dir / FAILURE_FILE).unlink(missing_ok=True)
     return spawn(cfg, run_dir)

@@ -1,0 +1,102 @@
+"""`pipeline.partition=auto`: measure every block's SID step, then cut to balance the stages.
+
+Each block is timed as the stage loop runs it (forward block + head + loss, local backward,
+optimizer step: a one-module `SIDStage`) on the real device, at the configured batch, with
+the stage's thread count. A stage's predicted time is the sum of its blocks plus the cost of
+serialising its output message (bytes / `pipeline.auto_bandwidth_gbs`). The cut points that
+minimise the slowest stage are found exactly by dynamic programming over contiguous splits.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import dataclass
+
+import torch
+
+from sidpipe.config import Config
+from sidpipe.data import Batches, DataBundle
+from sidpipe.models import BlockNet
+from sidpipe.models.heads import uniform_prior
+from sidpipe.models.partition import StageModule
+from sidpipe.stage import SIDStage
+
+log = logging.getLogger("sidpipe.balance")
+
+
+@dataclass
+class BlockCost:
+    seconds: float  # one training message through this block's SID module
+    out_bytes: int  # h + belief + labels sent after this block
+
+
+def profile_blocks(
+    cfg: Config, data: DataBundle, net: BlockNet, device: torch.device, iters: int = 6
+) -> list[BlockCost]:
+    x, y = next(iter(Batches(data.train, data, cfg.train.batch_size, True, cfg.seed).epoch(0)))
+    h, y = x.to(device), y.to(device)
+    p = uniform_prior(h.shape[0], data.num_classes, device)
+    costs = []
+    for i in range(net.n_blocks):
+        stage = SIDStage(StageModule(net, range(i, i + 1)), cfg, total_updates=1000, device=device)
+        times = []
+        for it in range(iters + 2):  # two warm-up steps (allocator, kernels, lazy init)
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            t0 = time.perf_counter()
+            h_out, p_out, losses, _ = stage.forward(h, p, y)
+            stage.update(losses)
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            if it >= 2:
+                times.append(time.perf_counter() - t0)
+        nbytes = sum(t.numel() * t.element_size() for t in (h_out, p_out, y))
+        costs.append(BlockCost(sorted(times)[len(times) // 2], nbytes))
+        h, p = h_out, p_out
+    return costs
+
+
+def best_cuts(
+    costs: list[BlockCost], stages: int, bandwidth: float
+) -> tuple[list[int], list[float]]:
+    """Cut points minimising the slowest stage; returns (cuts, predicted seconds per stage)."""
+    n = len(costs)
+    prefix = [0.0]
+    for c in costs:
+        prefix.append(prefix[-1] + c.seconds)
+
+    def stage_time(a: int, b: int) -> float:  # blocks a..b-1; the last stage sends nothing
+        send = costs[b - 1].out_bytes / bandwidth if b < n else 0.0
+        return prefix[b] - prefix[a] + send
+
+    # best[s][b]: the smallest possible slowest-stage time covering blocks 0..b-1 with s stages
+    best = [[math.inf] * (n + 1) for _ in range(stages + 1)]
+    arg = [[0] * (n + 1) for _ in range(stages + 1)]
+    best[0][0] = 0.0
+    for s in range(1, stages + 1):
+        for b in range(s, n + 1):
+            for a in range(s - 1, b):
+                t = max(best[s - 1][a], stage_time(a, b))
+                if t < best[s][b]:
+                    best[s][b], arg[s][b] = t, a
+    bounds = [n]
+    for s in range(stages, 0, -1):
+        bounds.append(arg[s][bounds[-1]])
+    bounds.reverse()
+    return bounds[1:-1], [stage_time(a, b) for a, b in zip(bounds, bounds[1:])]
+
+
+def auto_partition(cfg: Config, data: DataBundle, net: BlockNet, device: torch.device) -> list[int]:
+    torch.set_num_threads(cfg.pipeline.threads)
+    costs = profile_blocks(cfg, data, net, device)
+    cuts, predicted = best_cuts(costs, cfg.pipeline.stages, cfg.pipeline.auto_bandwidth_gbs * 1e9)
+    ms = ", ".join(f"{c.seconds * 1e3:.2f}" for c in costs)
+    log.info("pipeline.partition=auto: block step times [ms]: %s", ms)
+    print(
+        f"pipeline.partition=auto -> {cuts}; predicted stage times [ms]: "
+        + ", ".join(f"{t * 1e3:.2f}" for t in predicted),
+        flush=True,
+    )
+    return cuts

@@ -156,6 +156,7 @@ class PipelineConfig:
     transport: Transport = Transport.auto
     trace: bool = False  # Chrome-trace JSON of every stage's spans
     threads: int = 1  # torch threads per stage process
+    cpu_affinity: bool = False  # pin stage r to cores [r*threads, (r+1)*threads): one "device" each
 
     def __post_init__(self) -> None:
         _check(self.stages >= 1, f"pipeline.stages must be >= 1 (got {self.stages})")

@@ -299,7 +299,9 @@ def progress_enabled(cfg: Config) -> bool:
 
 def train_single(cfg: Config, run_dir: Path) -> dict[str, Any]:
     """Train in this process and write summary.json + metrics.jsonl into run_dir."""
-    torch.set_num_threads(cfg.pipeline.threads)
+    from sidpipe.pipeline.dist import set_threads
+
+    set_threads(cfg, 0)
     device = select_device(cfg)
     data = load_data(cfg.data, cfg.seed)
     if data.noise_rate:

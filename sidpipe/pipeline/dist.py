@@ -67,6 +67,16 @@ class DistContext:
         return None
 
 
+def set_threads(cfg: Config, local_rank: int) -> None:
+    """Threads per stage, and optionally one disjoint set of cores per stage process."""
+    n = cfg.pipeline.threads
+    if cfg.pipeline.cpu_affinity and hasattr(os, "sched_setaffinity"):
+        cores = sorted(os.sched_getaffinity(0))
+        mine = [cores[(local_rank * n + i) % len(cores)] for i in range(n)]
+        os.sched_setaffinity(0, mine)
+    torch.set_num_threads(n)
+
+
 def init_distributed(cfg: Config) -> DistContext:
     """Join the process group from torchrun's environment, with the pipeline's timeout."""
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
@@ -77,7 +87,7 @@ def init_distributed(cfg: Config) -> DistContext:
             "launch one process per stage "
             f"(torchrun --nproc-per-node {cfg.pipeline.stages}) or set pipeline.stages={world}"
         )
-    torch.set_num_threads(cfg.pipeline.threads)
+    set_threads(cfg, local_rank)
     device = select_device(cfg, local_rank)
     transport = cfg.pipeline.transport
     if transport is Transport.auto:

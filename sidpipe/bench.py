@@ -194,7 +194,7 @@ def add_ratios(rows: list[dict[str, Any]]) -> None:
             continue
         s, m = r["stages"], r["microbatches"]
         seq = find("seq_sid" if r["scheme"] == "sid" else "seq_bp", s, m)
-        if r["scheme"] in ("sid", "gpipe", "1f1b") and seq is not None:
+        if r["scheme"] in ("sid", "gpipe", "1f1b") and seq is not None and "efficiency" not in r:
             r["efficiency"] = r["samples_per_s"] / (s * seq["samples_per_s"])
         if r["scheme"] in ("gpipe", "1f1b"):
             r["textbook_bubble"] = (s - 1) / (m + s - 1)
@@ -229,15 +229,55 @@ def versions() -> dict[str, str]:
     }
 
 
+def simulated_rows(cfg: Config) -> list[dict[str, Any]]:
+    """SIMULATED S-device pipelines from per-stage times measured on this one device."""
+    from sidpipe.data import load_data
+    from sidpipe.pipeline.dist import set_threads
+    from sidpipe.simulate import measure_stage_times, simulate
+    from sidpipe.trainer import build_net, select_device
+
+    set_threads(cfg, 0)
+    device = select_device(cfg)
+    data = load_data(cfg.data, cfg.seed)
+    rows = []
+    for s in cfg.bench.stages:
+        for m in cfg.bench.microbatches:
+            c = copy.deepcopy(cfg)
+            c.pipeline.stages = s
+            times = measure_stage_times(
+                c, data, build_net(c, data), device, c.bench.batch_size // m
+            )
+            sim = simulate(times, c.bench.batch_size, m)
+            for scheme in ("sid", "gpipe", "1f1b", "seq_sid", "seq_bp"):
+                rows.append({"scheme": scheme, "stages": s, "microbatches": m, "simulated": True,
+                             "device": str(device), "samples_per_s": sim[f"{scheme}_samples_per_s"],
+                             "stage_times_ms": [{k: v * 1e3 for k, v in vars(t).items()}
+                                                for t in times]})  # fmt: skip
+    for r in rows:
+        want = ("seq_sid" if r["scheme"] == "sid" else "seq_bp", r["stages"], r["microbatches"])
+        seq = next(x for x in rows if (x["scheme"], x["stages"], x["microbatches"]) == want)
+        if r["scheme"] in ("sid", "gpipe", "1f1b"):
+            r["efficiency"] = r["samples_per_s"] / (r["stages"] * seq["samples_per_s"])
+    return rows
+
+
 def run_bench(cfg: Config, command: list[str]) -> dict[str, Any]:
     from sidpipe.bench_report import write_outputs
 
     out = out_dir(cfg)
     runs_dir = out / "runs"
-    rows = [run_case(c, runs_dir) for c in cases(cfg)]
-    if cfg.bench.mode == "throughput":
+    if cfg.bench.mode == "simulate":
+        rows = simulated_rows(cfg)
+        for r in rows:
+            r.update(
+                {"samples_per_s_min": r["samples_per_s"], "samples_per_s_max": r["samples_per_s"]}
+            )
         add_ratios(rows)
     else:
+        rows = [run_case(c, runs_dir) for c in cases(cfg)]
+    if cfg.bench.mode == "throughput":
+        add_ratios(rows)
+    elif cfg.bench.mode == "tta":
         time_to_accuracy(rows, cfg.bench.target_accuracy)
     result = {
         "command": " ".join(command),

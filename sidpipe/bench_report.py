@@ -38,6 +38,28 @@ def markdown(result: dict[str, Any]) -> str:
             lines.append(f"| {SCHEME_LABEL[r['scheme']]} | {r['stages']} | {r['microbatches']} | "
                          f"{tta} | {r['tta_step']} | {test} | {best} |")  # fmt: skip
         return "\n".join(lines) + "\n"
+    if rows and rows[0].get("simulated"):
+        lines += [
+            "**SIMULATED** S-device pipelines from per-stage times measured on one "
+            f"{rows[0]['device']} device (communication not modelled).",
+            "",
+            "| scheme | S | M | samples/s (simulated) | efficiency | SID/GPipe | SID/1F1B |",
+            "|---|---|---|---|---|---|---|",
+        ]
+        for r in rows:
+
+            def sim(key: str, r: dict[str, Any] = r) -> str:
+                return f"{r[key]:.2f}" if r.get(key) is not None else ""
+
+            lines.append(
+                f"| {SCHEME_LABEL[r['scheme']]} | {r['stages']} | {r['microbatches']} | "
+                f"{r['samples_per_s']:.0f} | {sim('efficiency')} | {sim('ratio_vs_gpipe')} | "
+                f"{sim('ratio_vs_1f1b')} |"
+            )
+        lines += ["", "Measured per-stage times [ms] (first S, M):", ""]
+        for i, t in enumerate(rows[0]["stage_times_ms"]):
+            lines.append(f"- stage {i}: " + ", ".join(f"{k} {v:.2f}" for k, v in t.items()))
+        return "\n".join(lines) + "\n"
     lines += [
         "| scheme | S | M | samples/s median [min–max] | efficiency | SID/GPipe | SID/1F1B | "
         "bubble measured | bubble textbook | fwd B/sample | bwd B/sample | peak RSS/stage MiB |",
@@ -169,7 +191,9 @@ def write_outputs(result: dict[str, Any], out: Path) -> list[Path]:
     (out / "bench.md").write_text(markdown(result))
     rows = result["rows"]
     paths = [out / "bench.md"]
-    if rows and "samples_per_s" in rows[0]:
+    if rows and rows[0].get("simulated"):
+        paths += plot_sweeps(rows, out)
+    elif rows and "samples_per_s" in rows[0]:
         paths += plot_sweeps(rows, out)
         paths.append(plot_utilisation(rows, out))
         for scheme in ("sid", "gpipe"):

@@ -273,7 +273,7 @@ class CheckpointConfig:
 class BenchConfig:
     """`sidpipe bench`: SID vs GPipe vs 1F1B (and the sequential references) in one run."""
 
-    mode: str = "throughput"  # throughput | tta (time to accuracy)
+    mode: str = "throughput"  # throughput | tta (time to accuracy) | simulate (one device)
     stages: list[int] = field(default_factory=lambda: [2])  # sweep S
     microbatches: list[int] = field(default_factory=lambda: [4])  # sweep M
     batch_size: int = 256  # B of the BP schedules; a SID message is B/M samples
@@ -290,8 +290,8 @@ class BenchConfig:
 
     def __post_init__(self) -> None:
         _check(
-            self.mode in ("throughput", "tta"),
-            f"bench.mode={self.mode!r} must be throughput or tta",
+            self.mode in ("throughput", "tta", "simulate"),
+            f"bench.mode={self.mode!r} must be throughput, tta or simulate",
         )
         known = ("sid", "gpipe", "1f1b", "seq_sid", "seq_bp")
         bad = [x for x in self.schemes if x not in known]

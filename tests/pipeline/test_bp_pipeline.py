@@ -109,6 +109,36 @@ def test_bytes_are_the_activations_and_their_gradients(name, pipeline_run):
         assert 0.5 < fractions <= 1.0 + 1e-6  # the rest: preparing batches (stage 0)
 
 
+def test_conv_stages(tmp_path):
+    """A conv net's block can hand over a strided view, which gloo cannot send as is; bf16
+    autocast halves the bytes on the wire."""
+    from sidpipe.config import DataConfig, ModelConfig
+    from sidpipe.data import load_data
+    from sidpipe.models import build_model
+
+    r = run_cli(
+        [
+            *TINY,
+            "model=simplecnn",
+            "method=bp",
+            "precision=bf16",
+            "pipeline.stages=2",
+            "pipeline.schedule=gpipe",
+            "pipeline.microbatches=2",
+            "train.epochs=1",
+            "train.max_steps=3",
+        ],
+        tmp_path,
+    )
+    assert r.returncode == 0, r.stderr[-3000:]
+    stages = read_summary(tmp_path)["per_stage"]
+    data = load_data(DataConfig(name="digits"), 0)
+    net = build_model(ModelConfig(name="simplecnn"), data.in_shape, data.num_classes)
+    cut = stages[0]["modules"][-1]
+    per_step = BATCH * math.prod(net.block_shapes()[cut]) * 2  # bf16
+    assert stages[0]["bytes_sent_forward"] == stages[1]["bytes_sent_backward"] == 3 * per_step
+
+
 def test_last_rank_labels_follow_the_first_rank_batches():
     """The last stage feeds the targets from its own copy of the data order."""
     from sidpipe.config import DataConfig

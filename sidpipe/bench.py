@@ -236,7 +236,7 @@ def simulated_rows(cfg: Config) -> list[dict[str, Any]]:
     from sidpipe.simulate import measure_stage_times, simulate
     from sidpipe.trainer import build_net, select_device
 
-    set_threads(cfg, 0)
+    set_threads(cfg, 0)  # this process only measures: no stages are spawned after it
     device = select_device(cfg)
     data = load_data(cfg.data, cfg.seed)
     rows = []

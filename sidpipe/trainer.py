@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import sys
 import time
 from dataclasses import dataclass, field
@@ -301,7 +302,15 @@ def train_single(cfg: Config, run_dir: Path) -> dict[str, Any]:
     """Train in this process and write summary.json + metrics.jsonl into run_dir."""
     from sidpipe.pipeline.dist import set_threads
 
-    set_threads(cfg, 0)
+    previous = set_threads(cfg, 0)
+    try:
+        return _train_single(cfg, run_dir)
+    finally:
+        if previous is not None:
+            os.sched_setaffinity(0, previous)
+
+
+def _train_single(cfg: Config, run_dir: Path) -> dict[str, Any]:
     device = select_device(cfg)
     data = load_data(cfg.data, cfg.seed)
     if data.noise_rate:

@@ -62,20 +62,22 @@ def test_damaged_and_partial_checkpoints_are_never_loaded(tmp_path):
     assert checkpoint.latest_good(tmp_path) is None
 
 
-def test_sid_pipeline_kill_and_resume_is_exact(tmp_path):
+@pytest.mark.parametrize(
+    "method", [["method=sid"], ["method=bp", "pipeline.microbatches=4", "data.subset=1280"]]
+)
+def test_pipeline_kill_and_resume_is_exact(method, tmp_path):
     full, cut = tmp_path / "full", tmp_path / "cut"
-    r = run_cli([*TINY, *CKPT, "pipeline.stages=2"], full)
+    args = [*TINY, *CKPT, *method, "pipeline.stages=2"]
+    r = run_cli(args, full)
     assert r.returncode == 0, r.stderr[-2000:]
-    r = run_cli(
-        [*TINY, *CKPT, "pipeline.stages=2"], cut, env={"SIDPIPE_FAULT": "stage=1,step=25,kind=kill"}
-    )
+    r = run_cli(args, cut, env={"SIDPIPE_FAULT": "stage=1,step=25,kind=kill"})
     assert r.returncode != 0 and "killed by signal SIGKILL" in r.stderr
     # Damage the newest checkpoint: resume must fall back to the one before it.
     newest = max((cut / "checkpoints").glob("step_*"))
     assert newest.name == "step_00000020"
     blob = next(newest.glob("stage1/*.distcp"))
     blob.write_bytes(blob.read_bytes()[:100])
-    r = run_cli([*TINY, *CKPT, "pipeline.stages=2", "resume=auto"], cut)
+    r = run_cli([*args, "resume=auto"], cut)
     assert r.returncode == 0, r.stderr[-2000:]
     assert "resumed from" in r.stdout and "step_00000010 at step 10" in r.stdout
     want, got = load_state(full), load_state(cut)

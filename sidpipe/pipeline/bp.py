@@ -41,17 +41,26 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe
 
+from sidpipe import checkpoint
 from sidpipe.config import Config, Schedule, to_dict
 from sidpipe.data import Batches, DataBundle, load_data
 from sidpipe.logger import make_logger
 from sidpipe.loss import at_least_fp32
-from sidpipe.metrics import JsonlWriter, peak_memory_bytes, save_state
+from sidpipe.memory import MemoryProbe
+from sidpipe.metrics import JsonlWriter, save_state
 from sidpipe.models.partition import StageModule, partition_blocks
 from sidpipe.pipeline.dist import DistContext
 from sidpipe.pipeline.sid import SPLITS, Fault, PeerFailure
 from sidpipe.pipeline.trace import Tracer
 from sidpipe.stage import autocast, build_optimizer
-from sidpipe.trainer import History, TrainingError, build_net, eval_splits
+from sidpipe.trainer import (
+    History,
+    TrainingError,
+    build_net,
+    eval_splits,
+    restore_schedulers,
+    sched_state,
+)
 
 # Clock states (also the trace's span names). Busy as in the SID runner: compute, not data
 # preparation; "data" is neither busy nor waiting.
@@ -222,12 +231,14 @@ class BPStageRunner:
         self.per_epoch, self.n_steps = full_batch_steps(cfg, self.data)
         self.dropped = len(self.data.train) - self.per_epoch * cfg.train.batch_size
         self.m = cfg.pipeline.microbatches
+        self.memory = MemoryProbe(ctx.device)  # baseline before the model exists
         net = build_net(cfg, self.data)
         check_bp_layout(cfg, self.data, net)
         ranges = partition_blocks(net.n_blocks, cfg.pipeline.stages, cfg.pipeline.partition)
         self.block_range = ranges[ctx.rank]
         stage = StageModule(net, self.block_range)
         del net  # keep only this stage's blocks alive
+        self.memory.attach(stage.blocks)
         self.fault = Fault.from_env(ctx.rank)
         self.module = BPStageModule(stage, cfg, ctx.device, self.fault).to(ctx.device)
         params = [p for b in stage.blocks for p in b.parameters()]
@@ -255,6 +266,36 @@ class BPStageRunner:
         self.eval_bytes = 0
         self._steady_step_s = 0.0  # schedule.step time from step 2 on (step 1 infers shapes)
         self._steady_compute_s = 0.0
+        self.partition = [[r.start, r.stop] for r in ranges]
+        self.ckpt_root = checkpoint.checkpoint_root(cfg, run_dir)
+        self.resume_at = (0, 0)  # (epoch, batch index) to start from
+        path = checkpoint.resolve_resume(cfg, run_dir)
+        if path is not None:
+            self.restore(path)
+
+    # ---- checkpoints: every stage reaches step k together (the schedule is lockstep) ----
+    def save_checkpoint(self, epoch: int, next_batch: int) -> None:
+        extra = {
+            "step": self.step, "epoch": epoch, "batch": next_batch, "train_s": self.train_s,
+            "train_samples": self.train_samples, "history": self.history.epochs,
+            "schedulers": [sched_state(self.sched)],
+        }  # fmt: skip
+        meta = {"stages": self.ctx.world, "method": self.cfg.method.value,
+                "partition": self.partition, "config": to_dict(self.cfg)}  # fmt: skip
+        checkpoint.save(
+            self.ckpt_root, self.step, self.ctx.rank, self.ctx.world, self.module.stage,
+            [self.opt], extra, meta, self.cfg.checkpoint.keep_last, self.ctx.store,
+        )  # fmt: skip
+
+    def restore(self, path: Path) -> None:
+        meta = checkpoint.verify(path)
+        checkpoint.check_compatible(meta, self.cfg, self.partition, path)
+        extra = checkpoint.load(path, self.ctx.rank, self.module.stage, [self.opt])
+        self.step, self.train_s = extra["step"], extra["train_s"]
+        self.train_samples, self.history.epochs = extra["train_samples"], extra["history"]
+        restore_schedulers([self.sched], extra["schedulers"])
+        self.resume_at = (extra["epoch"], extra["batch"])
+        print(f"{self.ctx.tag} resumed from {path} at step {self.step}", flush=True)
 
     # ---- the engine's loss -------------------------------------------------------------
     def _loss(self, logits: Tensor, y: Tensor) -> Tensor:
@@ -290,6 +331,7 @@ class BPStageRunner:
             if "failed to run forward" in str(e) and e.__cause__ is not None:
                 raise e.__cause__ from None
             raise
+        self.memory.sample()  # gradients of every microbatch are alive now
         if self.step >= 1:
             self._steady_step_s += time.perf_counter() - t0
             self._steady_compute_s += self.clock.total(COMPUTE) - c0
@@ -328,7 +370,7 @@ class BPStageRunner:
         if peer is not None:
             raise PeerFailure(f"stopping: {peer}")
 
-    def batches(self, epoch: int) -> Iterator[tuple[Tensor | None, Tensor | None]]:
+    def batches(self, epoch: int, start: int = 0) -> Iterator[tuple[Tensor | None, Tensor | None]]:
         cfg, data, dev = self.cfg, self.data, self.ctx.device
         full = Batches(
             data.train,
@@ -340,13 +382,13 @@ class BPStageRunner:
             drop_last=True,
         )
         if self.first:
-            for x, _ in full.epoch(epoch):
+            for x, _ in full.epoch(epoch, start=start):
                 yield x.to(dev, non_blocking=True), None
         elif self.last:
-            for _, y in label_batches(full, data).epoch(epoch):
+            for _, y in label_batches(full, data).epoch(epoch, start=start):
                 yield None, y.to(dev, non_blocking=True)
         else:
-            for _ in range(self.per_epoch):
+            for _ in range(self.per_epoch - start):
                 yield None, None
 
     # ---- evaluation: forward only, through the stages -----------------------------------
@@ -451,13 +493,16 @@ class BPStageRunner:
             )
         start = time.perf_counter()
         self.clock.enter("send-wait")
-        epoch = 0
+        epoch, first_batch = self.resume_at
+        ckpt_every = cfg.checkpoint.every_n_steps
         while self.step < self.n_steps:
             self.module.train()
             t0 = time.perf_counter()
             self.clock.enter("data")
-            for x, y in self.batches(epoch):
+            for i, (x, y) in enumerate(self.batches(epoch, first_batch), start=first_batch):
                 self.train_step(x, y)
+                if ckpt_every and self.step % ckpt_every == 0:
+                    self.save_checkpoint(epoch, i + 1)
                 if self.step % cfg.train.log_every == 0 or self.step == self.n_steps:
                     self.log_train(epoch)
                 if self.step >= self.n_steps:
@@ -468,6 +513,7 @@ class BPStageRunner:
                     self.module.train()
                     t0 = time.perf_counter()
                 self.clock.enter("data")
+            first_batch = 0
             self.clock.enter("send-wait")
             self.train_s += time.perf_counter() - t0
             if self.loss_n:
@@ -491,7 +537,7 @@ class BPStageRunner:
             "bytes_sent_backward": self.pstage.bytes_backward,
             "messages_sent": self.pstage.sends,
             "train_messages": self.step,
-            "peak_memory_bytes": peak_memory_bytes(self.ctx.device),
+            **self.memory.report(),
             "wall_s": wall,
             # BP only: the measured bubble (idle share of schedule.step in steady state, i.e.
             # from the second step on), the textbook (S-1)/(M+S-1), and evaluation traffic.

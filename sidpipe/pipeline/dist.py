@@ -67,14 +67,22 @@ class DistContext:
         return None
 
 
-def set_threads(cfg: Config, local_rank: int) -> None:
-    """Threads per stage, and optionally one disjoint set of cores per stage process."""
+def set_threads(cfg: Config, local_rank: int) -> set[int] | None:
+    """Threads per stage, and optionally one disjoint set of cores per stage process.
+
+    Returns the previous CPU affinity when it changed it: a process that goes on to spawn
+    pipeline stages (the bench's sequential reference) must restore it, since children
+    inherit the mask.
+    """
     n = cfg.pipeline.threads
+    previous = None
     if cfg.pipeline.cpu_affinity and hasattr(os, "sched_setaffinity"):
-        cores = sorted(os.sched_getaffinity(0))
+        previous = os.sched_getaffinity(0)
+        cores = sorted(previous)
         mine = [cores[(local_rank * n + i) % len(cores)] for i in range(n)]
         os.sched_setaffinity(0, mine)
     torch.set_num_threads(n)
+    return previous
 
 
 def init_distributed(cfg: Config) -> DistContext:

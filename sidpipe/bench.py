@@ -176,6 +176,7 @@ def run_case(case: Case, runs_dir: Path) -> dict[str, Any]:
         sum(s["bytes_sent_backward"] for s in summary["per_stage"]) / samples
     )
     row["peak_memory_bytes"] = [s["peak_memory_bytes"] for s in summary["per_stage"]]
+    row["peak_tensor_memory_bytes"] = [s["peak_tensor_memory_bytes"] for s in summary["per_stage"]]
     row["evaluations"] = summary.get("evaluations", [])
     return row
 

@@ -20,7 +20,7 @@ COLORS = {"forward": "#4c72b0", "backward+step": "#dd8452", "compute": "#4c72b0"
 
 
 def _mib(x: float) -> str:
-    return f"{x / 2**20:.0f}"
+    return f"{x / 2**20:.1f}"
 
 
 def markdown(result: dict[str, Any]) -> str:
@@ -62,7 +62,7 @@ def markdown(result: dict[str, Any]) -> str:
         return "\n".join(lines) + "\n"
     lines += [
         "| scheme | S | M | samples/s median [min–max] | efficiency | SID/GPipe | SID/1F1B | "
-        "bubble measured | bubble textbook | fwd B/sample | bwd B/sample | peak RSS/stage MiB |",
+        "bubble measured | bubble textbook | fwd B/sample | bwd B/sample | tensor MiB/stage |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
@@ -78,9 +78,16 @@ def markdown(result: dict[str, Any]) -> str:
             f"{opt('efficiency')} | {opt('ratio_vs_gpipe')} | {opt('ratio_vs_1f1b')} | "
             f"{r['bubble']:.2f} | {opt('textbook_bubble')} | {r['bytes_forward_per_sample']:.0f} | "
             f"{r['bytes_backward_per_sample']:.0f} | "
-            f"{'/'.join(_mib(x) for x in r['peak_memory_bytes'])} |"
+            f"{'/'.join(_mib(x) for x in r['peak_tensor_memory_bytes'])} |"
         )
-    lines += ["", "Per-stage fractions of the timed window (busy / recv-wait / send-wait):", ""]
+    lines += [
+        "",
+        "tensor MiB/stage: peak memory of parameters, gradients, optimizer state and activations"
+        " above a baseline taken before the model is built (mallinfo2 on CPU, allocator on CUDA).",
+        "",
+        "Per-stage fractions of the timed window (busy / recv-wait / send-wait):",
+        "",
+    ]
     for r in rows:
         if r["scheme"] in ("sid", "gpipe", "1f1b"):
             parts = ", ".join(f"stage {st['stage']}: {st['busy']:.2f} / {st['recv_wait']:.2f} / "

@@ -184,8 +184,8 @@ def plot_timeline(row: dict[str, Any], out: Path, span_us: float | None = None) 
     ax.invert_yaxis()
     ax.set_xlabel("ms")
     ax.set_title(f"{SCHEME_LABEL[row['scheme']]}, S={row['stages']}, M={row['microbatches']}: "
-                 "steady-state slice (white = idle)")  # fmt: skip
-    ax.legend(fontsize=7, loc="upper right", ncol=4)
+                 "steady-state slice (grey = waiting: the bubble)")  # fmt: skip
+    ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.5), ncol=8, frameon=False)
     path = out / f"timeline_{row['scheme']}_S{row['stages']}_M{row['microbatches']}.png"
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -203,10 +203,15 @@ def write_outputs(result: dict[str, Any], out: Path) -> list[Path]:
     elif rows and "samples_per_s" in rows[0]:
         paths += plot_sweeps(rows, out)
         paths.append(plot_utilisation(rows, out))
-        for scheme in ("sid", "gpipe"):
-            first = next((r for r in rows if r["scheme"] == scheme), None)
-            if first is not None:
-                p = plot_timeline(first, out)
-                if p is not None:
-                    paths.append(p)
+        # SID and GPipe of each (S, M) on one time scale: three GPipe batches wide.
+        for gp in (r for r in rows if r["scheme"] == "gpipe"):
+            width = 3 * gp["batch_size"] / gp["samples_per_s"] * 1e6
+            for r in rows:
+                if r["scheme"] in ("sid", "gpipe") and (r["stages"], r["microbatches"]) == (
+                    gp["stages"],
+                    gp["microbatches"],
+                ):
+                    p = plot_timeline(r, out, span_us=width)
+                    if p is not None:
+                        paths.append(p)
     return paths

@@ -31,6 +31,7 @@ from sidpipe.metrics import atomic_write_json
 
 log = logging.getLogger("sidpipe.bench")
 
+BARE_KEYS = ("mode", "target_accuracy", "eval_every", "max_epochs", "schemes")
 # Span names of the runners' traces, by category.
 BUSY = {"forward", "backward+step", "compute", "forward+backward", "step", "train-seq"}
 BUSY |= {"backward", "loss", "optimizer"}  # the BP runner's clock states (pipeline/bp.py)
@@ -300,6 +301,12 @@ def main() -> None:
 
     from sidpipe.train import CONF_DIR, ConfigError, fail, to_config
 
+    # `sidpipe bench mode=tta target_accuracy=0.98`: the bench's own keys also work bare.
+    for i, arg in enumerate(sys.argv[1:], start=1):
+        if arg.split("=", 1)[0] in BARE_KEYS:
+            sys.argv[i] = "bench." + arg
+    command = ["sidpipe", "bench", *sys.argv[1:]]
+
     @hydra.main(version_base=None, config_path=CONF_DIR, config_name="config")
     def _main(dcfg: DictConfig) -> None:
         from sidpipe.bench_report import markdown
@@ -308,7 +315,7 @@ def main() -> None:
 
         try:
             cfg = to_config(dcfg)
-            result = run_bench(cfg, ["sidpipe", "bench", *sys.argv[1:]])
+            result = run_bench(cfg, command)
         except (ConfigError, DataError, TrainingError, ValueError) as e:
             fail(str(e))
             return

@@ -29,14 +29,18 @@ def markdown(result: dict[str, Any]) -> str:
              f"({result['versions']['processor']}), torch {result['versions']['torch']}, "
              f"{result['date']}", ""]  # fmt: skip
     if rows and "tta_target" in rows[0]:
-        lines += ["| scheme | S | M | train s to val acc >= target | step | test acc | best val |",
-                  "|---|---|---|---|---|---|---|"]  # fmt: skip
+        lines += [
+            "| scheme | S | M | train s to val acc >= target | samples seen | test acc "
+            "| best val |",
+            "|---|---|---|---|---|---|---|",
+        ]
         for r in rows:
             tta = "not reached" if r["tta_train_s"] is None else f"{r['tta_train_s']:.1f}"
+            seen = "" if r["tta_step"] is None else r["tta_step"] * r["batch_size"]
             test = "" if r["tta_test_accuracy"] is None else f"{r['tta_test_accuracy']:.4f}"
             best = "" if r["best_val_accuracy"] is None else f"{r['best_val_accuracy']:.4f}"
             lines.append(f"| {SCHEME_LABEL[r['scheme']]} | {r['stages']} | {r['microbatches']} | "
-                         f"{tta} | {r['tta_step']} | {test} | {best} |")  # fmt: skip
+                         f"{tta} | {seen} | {test} | {best} |")  # fmt: skip
         return "\n".join(lines) + "\n"
     if rows and rows[0].get("simulated"):
         lines += [

@@ -93,3 +93,42 @@ def test_numbers_consistent(bench_result):
         and rows["1f1b"]["bytes_backward_per_sample"] > 0
     )
     assert sid["bytes_forward_per_sample"] > 0
+
+
+def test_time_to_accuracy_mode(tmp_path):
+    cmd = [
+        sys.executable,
+        "-m",
+        "sidpipe.cli",
+        "bench",
+        "mode=tta",
+        "target_accuracy=0.8",
+        "schemes=[sid,gpipe]",
+        "data=digits",
+        "model=mlp",
+        "model.width=64",
+        "progress=false",
+        "bench.batch_size=64",
+        "bench.microbatches=[2]",
+        "bench.eval_every=5",
+        "max_epochs=3",
+        f"bench.out_dir={tmp_path}",
+        f"hydra.run.dir={tmp_path}/hydra",
+    ]
+    r = subprocess.run(
+        cmd,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=REPO,
+        env={"PATH": "/usr/bin:/bin", "HOME": str(tmp_path), "OMP_NUM_THREADS": "1"},
+    )
+    assert r.returncode == 0, r.stderr[-3000:]
+    rows = {x["scheme"]: x for x in json.loads((tmp_path / "bench.json").read_text())["rows"]}
+    assert set(rows) == {"sid", "gpipe"}
+    for row in rows.values():
+        evals = row["evaluations"]
+        assert len(evals) >= 3 and all("val_per_depth" in e and "train_s" in e for e in evals)
+        hit = next(e for e in evals if e["val_per_depth"][-1] >= 0.8)  # the first one reaching it
+        assert row["tta_train_s"] == hit["train_s"] and row["tta_step"] == hit["step"]
+    assert "train s to val acc >= target" in (tmp_path / "bench.md").read_text()

@@ -14,7 +14,7 @@ import torch
 from torch import Tensor, nn
 
 from sidpipe.models.cnn import simplecnn_layers, vgg11_layers
-from sidpipe.models.heads import BeliefHead, uniform_prior
+from sidpipe.models.heads import BeliefHead, belief_chain, uniform_prior
 from sidpipe.models.mlp import mlp_layers
 from sidpipe.models.partition import StageModule, even_sizes, partition_blocks, stage_modules
 from sidpipe.models.resnet import resnet18_layers
@@ -101,15 +101,8 @@ class BlockNet(nn.Module):
 
     def forward(self, x: Tensor) -> list[Tensor]:
         """SID inference: logits at every depth (the last one is the prediction)."""
-        h = x
         p = uniform_prior(x.shape[0], self.num_classes, device=x.device, dtype=_float(x))
-        logits = []
-        for block, head in zip(self.blocks, self.heads, strict=True):
-            h = block(h)
-            z = head(h, p)
-            p = torch.softmax(z, dim=1)
-            logits.append(z)
-        return logits
+        return belief_chain(self.blocks, self.heads, x, p)[2]
 
     def bp_forward(self, x: Tensor) -> Tensor:
         """BP baseline: all blocks, then the final head fed the uniform prior."""

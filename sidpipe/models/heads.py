@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 import torch
 from torch import Tensor, nn
 
@@ -80,3 +82,18 @@ class BeliefHead(nn.Module):
 
     def extra_repr(self) -> str:
         return f"feature_shape={self.feature_shape}, num_classes={self.num_classes}"
+
+
+def belief_chain(
+    blocks: Iterable[nn.Module], heads: Iterable[nn.Module], h: Tensor, p: Tensor
+) -> tuple[Tensor, Tensor, list[Tensor]]:
+    """SID inference through consecutive modules: each block refines h, its head turns
+    (h, previous belief) into logits, whose softmax is the next belief. Returns the last
+    (h, p) and every module's logits. No stop-gradients: training loops add their own."""
+    logits = []
+    for block, head in zip(blocks, heads, strict=True):
+        h = block(h)
+        z = head(h, p)
+        p = torch.softmax(z, dim=1)
+        logits.append(z)
+    return h, p, logits

@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor, nn
 
-from sidpipe.models.heads import uniform_prior
+from sidpipe.models.heads import belief_chain, uniform_prior
 
 if TYPE_CHECKING:  # type only: keeps this module free of an import cycle with the package
     from sidpipe.models import BlockNet
@@ -103,13 +103,7 @@ class StageModule(nn.Module):
         """
         if p is None:
             p = uniform_prior(h.shape[0], self.num_classes, device=h.device, dtype=_float(h))
-        logits = []
-        for block, head in zip(self.blocks, self.heads, strict=True):
-            h = block(h)
-            z = head(h, p)
-            p = torch.softmax(z, dim=1)
-            logits.append(z)
-        return h, p, logits
+        return belief_chain(self.blocks, self.heads, h, p)
 
     def bp_forward(self, h: Tensor) -> Tensor:
         """BP semantics: run the blocks; the last stage also applies the final head (uniform

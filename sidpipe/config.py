@@ -155,6 +155,7 @@ class PipelineConfig:
     timeout_s: float = 120.0  # any wait on another process fails after this
     transport: Transport = Transport.auto
     trace: bool = False  # Chrome-trace JSON of every stage's spans
+    reuse_buffers: bool = True  # SID: receive h and p into the same buffers every message
     threads: int = 1  # torch threads per stage process
     cpu_affinity: bool = False  # pin stage r to cores [r*threads, (r+1)*threads): one "device" each
 

@@ -92,8 +92,9 @@ class SIDStageRunner:
         )
         del net  # keep only this stage's blocks alive
         self.transport = Transport(
-            ctx.rank, ctx.world, ctx.device, cfg.pipeline.queue_depth, ctx.staged
-        )
+            ctx.rank, ctx.world, ctx.device, cfg.pipeline.queue_depth, ctx.staged,
+            cfg.pipeline.reuse_buffers,
+        )  # fmt: skip
         self.tracer = Tracer(ctx.rank, enabled=cfg.pipeline.trace)
         self.fault = Fault.from_env(ctx.rank)
         # Every stage appends its own lines (O_APPEND: safe across processes); rank 0 also owns

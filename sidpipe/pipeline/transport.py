@@ -81,7 +81,15 @@ class _Pending:
 class Transport:
     """Send to `rank+1`, receive from `rank-1` (either may be absent at the pipeline ends)."""
 
-    def __init__(self, rank: int, world: int, device: torch.device, queue_depth: int, staged: bool):
+    def __init__(
+        self,
+        rank: int,
+        world: int,
+        device: torch.device,
+        queue_depth: int,
+        staged: bool,
+        reuse_buffers: bool = True,
+    ):
         self.rank, self.world = rank, world
         self.device = device
         # gloo moves CPU tensors only: CUDA compute over gloo stages through pinned host memory.
@@ -91,6 +99,12 @@ class Transport:
         self.stats = TransportStats()
         self._outstanding: deque[_Pending] = deque()
         self._next_header: tuple[Tensor, object] | None = None
+        # Receive buffers for h and p, reused message after message: the stage has finished
+        # with a message (forward, backward, step) before it receives the next one. Labels
+        # are not reused: they travel on in the send window. Not with the staged transport,
+        # whose asynchronous host-to-device copy may still be reading the pinned buffer.
+        self.reuse_buffers = reuse_buffers and not staged
+        self._buffers: dict[tuple, Tensor] = {}
 
     # ---- sending -------------------------------------------------------------------
     def _isend(self, t: Tensor, dst: int, pending: _Pending) -> None:
@@ -139,9 +153,15 @@ class Transport:
         buf = torch.empty(HEADER_LEN, dtype=torch.int64, device=self.comm_device)
         self._next_header = (buf, dist.irecv(buf, src))
 
-    def _buffer(self, shape: list[int], dtype: torch.dtype) -> Tensor:
+    def _buffer(self, shape: list[int], dtype: torch.dtype, role: str = "") -> Tensor:
+        key = (role, tuple(shape), dtype)
+        if role and self.reuse_buffers and key in self._buffers:
+            return self._buffers[key]
         # pinned host buffers let the staged copy to the GPU run asynchronously
-        return torch.empty(shape, dtype=dtype, device=self.comm_device, pin_memory=self.staged)
+        buf = torch.empty(shape, dtype=dtype, device=self.comm_device, pin_memory=self.staged)
+        if role and self.reuse_buffers:
+            self._buffers[key] = buf
+        return buf
 
     def recv(self, src: int | None = None) -> Message:
         """Wait for the next message; the one after it has its header irecv posted on return."""
@@ -158,11 +178,11 @@ class Transport:
         works = []
         if hdr[3] > 0:
             shape = hdr[5 : 5 + hdr[3]]
-            h = self._buffer(shape, _DTYPES[hdr[4]])
+            h = self._buffer(shape, _DTYPES[hdr[4]], "h" if kind is Kind.TRAIN else "")
             works.append(dist.irecv(h, src))
         if hdr[13] >= 0:
             rows = h.shape[0] if h is not None else hdr[14]
-            p = self._buffer([rows, hdr[13]], torch.float32)
+            p = self._buffer([rows, hdr[13]], torch.float32, "p" if kind is Kind.TRAIN else "")
             works.append(dist.irecv(p, src))
         if hdr[14] >= 0:
             y = self._buffer([hdr[14]], torch.int64)

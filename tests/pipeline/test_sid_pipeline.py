@@ -31,6 +31,7 @@ def reference(tmp_path_factory):
         ("2 stages", ["pipeline.stages=2"]),
         ("3 stages", ["pipeline.stages=3"]),
         ("virtual stages: 1+3 modules", ["pipeline.stages=2", "pipeline.partition=[1]"]),
+        ("fresh receive buffers", ["pipeline.stages=2", "pipeline.reuse_buffers=false"]),
     ],
 )
 def test_pipeline_equals_sequential(name, overrides, reference, tmp_path):

@@ -66,15 +66,6 @@ def peak_memory_bytes(device: torch.device) -> int:
     return int(rss if sys.platform == "darwin" else rss * 1024)  # Linux reports KiB
 
 
-def current_rss_bytes() -> int:
-    """Current resident set size (Linux /proc; falls back to the peak elsewhere)."""
-    try:
-        with open("/proc/self/statm") as f:
-            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-    except OSError:
-        return peak_memory_bytes(torch.device("cpu"))
-
-
 class Stopwatch:
     """Accumulates named durations (seconds) with perf_counter; cheap enough for the hot loop."""
 

@@ -52,11 +52,6 @@ def select_device(cfg: Config, local_rank: int = 0) -> torch.device:
     return torch.device("cpu")
 
 
-def seed_everything(seed: int) -> None:
-    torch.manual_seed(seed)
-    torch.use_deterministic_algorithms(False)
-
-
 def build_net(cfg: Config, data: DataBundle) -> nn.Module:
     """The same seed gives the same initial parameters on every rank and in the reference."""
     torch.manual_seed(cfg.seed)

@@ -49,6 +49,18 @@ def run_cli(
     )
 
 
+def run_clean(cmd: list[str], home: Path, timeout: float = 180) -> subprocess.CompletedProcess:
+    """Run a command as a fresh shell would: minimal environment, 1 thread, bounded time."""
+    env = {"OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin", "HOME": str(home)}
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env, cwd=REPO)
+
+
+def torchrun(nproc: int) -> list[str]:
+    """`torchrun --standalone --nproc-per-node N -m sidpipe.train`, via this interpreter."""
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone",
+            f"--nproc-per-node={nproc}", "-m", "sidpipe.train"]  # fmt: skip
+
+
 def read_summary(run_dir: Path) -> dict:
     return json.loads((run_dir / "summary.json").read_text())
 

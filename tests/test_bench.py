@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import json
-import subprocess
 import sys
 
 import pytest
 
-from tests.conftest import REPO
+from tests.conftest import run_clean
 
 pytestmark = pytest.mark.timeout(600)
 
@@ -36,14 +35,7 @@ def bench_result(tmp_path_factory):
         f"bench.out_dir={out}",
         f"hydra.run.dir={out}/hydra",
     ]
-    r = subprocess.run(
-        cmd,
-        capture_output=True,
-        text=True,
-        timeout=540,
-        cwd=REPO,
-        env={"PATH": "/usr/bin:/bin", "HOME": str(out), "OMP_NUM_THREADS": "1"},
-    )
+    r = run_clean(cmd, out, timeout=540)
     assert r.returncode == 0, r.stderr[-3000:]
     return out, json.loads((out / "bench.json").read_text()), r.stdout
 
@@ -115,14 +107,7 @@ def test_time_to_accuracy_mode(tmp_path):
         f"bench.out_dir={tmp_path}",
         f"hydra.run.dir={tmp_path}/hydra",
     ]
-    r = subprocess.run(
-        cmd,
-        capture_output=True,
-        text=True,
-        timeout=300,
-        cwd=REPO,
-        env={"PATH": "/usr/bin:/bin", "HOME": str(tmp_path), "OMP_NUM_THREADS": "1"},
-    )
+    r = run_clean(cmd, tmp_path, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
     rows = {x["scheme"]: x for x in json.loads((tmp_path / "bench.json").read_text())["rows"]}
     assert set(rows) == {"sid", "gpipe"}

@@ -5,14 +5,13 @@ from __future__ import annotations
 import json
 import math
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
 from sidpipe.metrics import load_state
-from tests.conftest import REPO, TINY, read_summary, run_cli
+from tests.conftest import TINY, read_summary, run_clean, run_cli, torchrun
 
 # 1280 = 20 full batches of 64: no partial batch anywhere, so the run may cross the epoch
 # boundary (step 20) and still be step for step the single-process trainer.
@@ -166,13 +165,7 @@ def test_last_rank_labels_follow_the_first_rank_batches():
 def test_torchrun_launch_and_partial_batches(tmp_path):
     """torchrun path; the default digits split (1437) leaves 29 samples out of every epoch."""
     cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        "--nproc-per-node=2",
-        "-m",
-        "sidpipe.train",
+        *torchrun(2),
         *TINY,
         "method=bp",
         "pipeline.stages=2",
@@ -181,14 +174,7 @@ def test_torchrun_launch_and_partial_batches(tmp_path):
         "train.epochs=2",
         f"hydra.run.dir={tmp_path}",
     ]
-    r = subprocess.run(
-        cmd,
-        capture_output=True,
-        text=True,
-        timeout=180,
-        cwd=REPO,
-        env={"OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin", "HOME": str(tmp_path)},
-    )
+    r = run_clean(cmd, tmp_path, timeout=180)
     assert r.returncode == 0, r.stderr[-3000:]
     s = read_summary(tmp_path)
     assert s["method"] == "bp" and s["stages"] == 2 and len(s["per_stage"]) == 2

@@ -5,13 +5,12 @@ from __future__ import annotations
 import math
 import shutil
 import subprocess
-import sys
 
 import pytest
 import torch
 
 from sidpipe.metrics import load_state
-from tests.conftest import REPO, TINY, read_summary, run_cli
+from tests.conftest import REPO, TINY, read_summary, run_clean, run_cli, torchrun
 
 STEPS = ["train.epochs=2", "train.max_steps=25"]  # >= 20 updates, an epoch boundary, 2 evals
 
@@ -88,27 +87,14 @@ def test_traffic_is_forward_only_and_counted(tmp_path):
 
 def test_torchrun_launch_writes_one_summary(tmp_path):
     cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        "--nproc-per-node=2",
-        "-m",
-        "sidpipe.train",
+        *torchrun(2),
         *TINY,
         "train.max_steps=10",
         "train.epochs=1",
         "pipeline.stages=2",
         f"hydra.run.dir={tmp_path}",
     ]
-    r = subprocess.run(
-        cmd,
-        capture_output=True,
-        text=True,
-        timeout=180,
-        cwd=REPO,
-        env={"OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin", "HOME": str(tmp_path)},
-    )
+    r = run_clean(cmd, tmp_path, timeout=180)
     assert r.returncode == 0, r.stderr[-3000:]
     s = read_summary(tmp_path)
     assert s["stages"] == 2 and len(s["per_stage"]) == 2
@@ -118,25 +104,12 @@ def test_torchrun_launch_writes_one_summary(tmp_path):
 
 def test_torchrun_world_size_must_match_stages(tmp_path):
     cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        "--nproc-per-node=2",
-        "-m",
-        "sidpipe.train",
+        *torchrun(2),
         *TINY,
         "pipeline.stages=3",
         f"hydra.run.dir={tmp_path}",
     ]
-    r = subprocess.run(
-        cmd,
-        capture_output=True,
-        text=True,
-        timeout=120,
-        cwd=REPO,
-        env={"OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin", "HOME": str(tmp_path)},
-    )
+    r = run_clean(cmd, tmp_path, timeout=120)
     assert r.returncode != 0
     assert "world size 2 != pipeline.stages=3" in r.stderr
 

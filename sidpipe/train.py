@@ -60,7 +60,7 @@ CONF_DIR = str(Path(__file__).resolve().parents[1] / "conf")
 
 
 @hydra.main(version_base=None, config_path=CONF_DIR, config_name="config")
-def main(dcfg: DictConfig) -> None:
+def _hydra_main(dcfg: DictConfig) -> None:
     from sidpipe.data import DataError
     from sidpipe.trainer import TrainingError
 
@@ -75,6 +75,15 @@ def main(dcfg: DictConfig) -> None:
         from sidpipe.report import format_report
 
         print(format_report(summary), flush=True)
+
+
+def main() -> None:
+    """Under torchrun every rank runs the app: only rank 0 writes hydra's config dump."""
+    if os.environ.get("RANK", "0") != "0" and not any(
+        a.startswith("hydra.output_subdir=") for a in sys.argv[1:]
+    ):
+        sys.argv.append("hydra.output_subdir=null")
+    _hydra_main()
 
 
 if __name__ == "__main__":

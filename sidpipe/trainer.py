@@ -269,7 +269,7 @@ class History:
 
 
 def write_summary(
-    run_dir: Path, cfg: Config, data: DataBundle, result: dict[str, Any]
+    run_dir: Path, cfg: Config, noise_rate: float, result: dict[str, Any]
 ) -> dict[str, Any]:
     summary = {
         "method": cfg.method.value,
@@ -279,7 +279,7 @@ def write_summary(
         "data": cfg.data.name,
         "precision": cfg.precision.value,
         "seed": cfg.seed,
-        "label_noise_rate": data.noise_rate,
+        "label_noise_rate": noise_rate,
         **result,
         "config": to_dict(cfg),
         "torch": torch.__version__,
@@ -432,7 +432,7 @@ def _train_single(cfg: Config, run_dir: Path) -> dict[str, Any]:
             }
         ],
     }
-    summary = write_summary(run_dir, cfg, data, result)
+    summary = write_summary(run_dir, cfg, data.noise_rate, result)
     metrics.summary(summary)
     metrics.close()
     return summary

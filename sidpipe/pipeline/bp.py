@@ -545,6 +545,7 @@ class BPStageRunner:
             "bubble_textbook": (self.ctx.world - 1) / (self.m + self.ctx.world - 1),
             "eval_bytes_sent": self.eval_bytes,
             "_train_samples": self.train_samples,
+            "_label_noise_rate": self.data.noise_rate,
             "_train_s": self.train_s,
             "_history": self.history.epochs if self.last else None,
             "_trace": self.tracer.events(),

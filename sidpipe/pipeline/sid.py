@@ -350,6 +350,7 @@ class SIDStageRunner:
             **self.memory.report(),
             "wall_s": wall,
             "_train_samples": self.train_samples,
+            "_label_noise_rate": self.data.noise_rate,
             "_train_s": self.train_s,
             "_history": self.history.epochs if self.last else None,
             "_trace": self.tracer.events(),

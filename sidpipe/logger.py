@@ -237,6 +237,15 @@ class WandbLogger(RunLogger):
             super().close(exit_code)
 
 
+def stage_logger(rank: int, run_dir: str | Path, cfg_dict: Any, logger_cfg: Any) -> Any:
+    """A pipeline stage's metrics writer. Every stage appends its own lines to metrics.jsonl
+    (O_APPEND: safe across processes); rank 0 also owns the logger backend (wandb), and
+    launch.stage_main forwards the other stages' lines to it at the end of the run."""
+    if rank == 0:
+        return make_logger(run_dir, cfg_dict, logger_cfg)
+    return JsonlWriter(Path(run_dir) / METRICS_FILE)
+
+
 def make_logger(run_dir: str | Path, cfg_dict: Any, logger_cfg: Any = None) -> RunLogger:
     """The logger named by `logger.name` (console when logger_cfg is None)."""
     name = getattr(logger_cfg, "name", None) or "console"

@@ -44,10 +44,10 @@ from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGP
 from sidpipe import checkpoint
 from sidpipe.config import Config, Schedule, to_dict
 from sidpipe.data import Batches, DataBundle, load_data
-from sidpipe.logger import make_logger
+from sidpipe.logger import stage_logger
 from sidpipe.loss import at_least_fp32
 from sidpipe.memory import MemoryProbe
-from sidpipe.metrics import JsonlWriter, save_state
+from sidpipe.metrics import save_state
 from sidpipe.models.partition import StageModule, partition_blocks
 from sidpipe.pipeline.dist import DistContext
 from sidpipe.pipeline.sid import SPLITS, Fault, PeerFailure
@@ -251,13 +251,7 @@ class BPStageRunner:
         self.schedule = schedule_cls(self.pstage, self.m, loss_fn=self._loss, scale_grads=False)
         timeout = timedelta(seconds=cfg.pipeline.timeout_s)
         self.eval_group = dist.new_group(timeout=timeout)  # evaluation traffic: its own channel
-        # Every stage appends its own lines (O_APPEND); rank 0 owns the logger backend, and
-        # launch.stage_main forwards the other stages' lines to it and closes it at the end.
-        self.metrics = (
-            make_logger(run_dir, to_dict(cfg), cfg.logger)
-            if ctx.rank == 0
-            else JsonlWriter(run_dir / "metrics.jsonl")
-        )
+        self.metrics = stage_logger(ctx.rank, run_dir, to_dict(cfg), cfg.logger)
         self.history = History()
         self.loss_sum = torch.zeros((), device=ctx.device)
         self.loss_n = 0

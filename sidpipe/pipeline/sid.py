@@ -22,9 +22,9 @@ from torch import Tensor
 from sidpipe import checkpoint
 from sidpipe.config import Config, to_dict
 from sidpipe.data import load_data
-from sidpipe.logger import make_logger
+from sidpipe.logger import stage_logger
 from sidpipe.memory import MemoryProbe
-from sidpipe.metrics import JsonlWriter, save_state
+from sidpipe.metrics import save_state
 from sidpipe.models.heads import uniform_prior
 from sidpipe.models.partition import StageModule, partition_blocks
 from sidpipe.pipeline.dist import DistContext
@@ -97,13 +97,7 @@ class SIDStageRunner:
         )  # fmt: skip
         self.tracer = Tracer(ctx.rank, enabled=cfg.pipeline.trace)
         self.fault = Fault.from_env(ctx.rank)
-        # Every stage appends its own lines (O_APPEND: safe across processes); rank 0 also owns
-        # the logger backend (wandb) and forwards the others' lines to it at the end.
-        self.metrics = (
-            make_logger(run_dir, to_dict(cfg), cfg.logger)
-            if ctx.rank == 0
-            else JsonlWriter(run_dir / "metrics.jsonl")
-        )
+        self.metrics = stage_logger(ctx.rank, run_dir, to_dict(cfg), cfg.logger)
         self.history = History()
         self.step = 0  # training messages processed by this stage
         self.busy_s = 0.0

@@ -120,11 +120,6 @@ class SIDStage:
     @torch.no_grad()
     def eval_forward(self, h: Tensor, p: Tensor) -> tuple[Tensor, Tensor, list[Tensor]]:
         self.stage.eval()
-        logits_all = []
         with autocast(self.device, self.cfg.precision):
-            for block, head in zip(self.stage.blocks, self.stage.heads):
-                h = block(h)
-                z = head(h, p)
-                logits_all.append(z.float())
-                p = F.softmax(z.float(), dim=-1)
-        return h, p, logits_all
+            h, p, logits = self.stage(h, p)  # models.heads.belief_chain
+        return h, p.float(), [z.float() for z in logits]

@@ -196,7 +196,7 @@ def add_ratios(rows: list[dict[str, Any]]) -> None:
             continue
         s, m = r["stages"], r["microbatches"]
         seq = find("seq_sid" if r["scheme"] == "sid" else "seq_bp", s, m)
-        if r["scheme"] in ("sid", "gpipe", "1f1b") and seq is not None and "efficiency" not in r:
+        if r["scheme"] in ("sid", "gpipe", "1f1b") and seq is not None:
             r["efficiency"] = r["samples_per_s"] / (s * seq["samples_per_s"])
         if r["scheme"] in ("gpipe", "1f1b"):
             r["textbook_bubble"] = (s - 1) / (m + s - 1)
@@ -255,11 +255,6 @@ def simulated_rows(cfg: Config) -> list[dict[str, Any]]:
                              "device": str(device), "samples_per_s": sim[f"{scheme}_samples_per_s"],
                              "stage_times_ms": [{k: v * 1e3 for k, v in vars(t).items()}
                                                 for t in times]})  # fmt: skip
-    for r in rows:
-        want = ("seq_sid" if r["scheme"] == "sid" else "seq_bp", r["stages"], r["microbatches"])
-        seq = next(x for x in rows if (x["scheme"], x["stages"], x["microbatches"]) == want)
-        if r["scheme"] in ("sid", "gpipe", "1f1b"):
-            r["efficiency"] = r["samples_per_s"] / (r["stages"] * seq["samples_per_s"])
     return rows
 
 
@@ -270,14 +265,9 @@ def run_bench(cfg: Config, command: list[str]) -> dict[str, Any]:
     runs_dir = out / "runs"
     if cfg.bench.mode == "simulate":
         rows = simulated_rows(cfg)
-        for r in rows:
-            r.update(
-                {"samples_per_s_min": r["samples_per_s"], "samples_per_s_max": r["samples_per_s"]}
-            )
-        add_ratios(rows)
     else:
         rows = [run_case(c, runs_dir) for c in cases(cfg)]
-    if cfg.bench.mode == "throughput":
+    if cfg.bench.mode in ("throughput", "simulate"):
         add_ratios(rows)
     elif cfg.bench.mode == "tta":
         time_to_accuracy(rows, cfg.bench.target_accuracy)

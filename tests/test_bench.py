@@ -117,3 +117,19 @@ def test_time_to_accuracy_mode(tmp_path):
         hit = next(e for e in evals if e["val_per_depth"][-1] >= 0.8)  # the first one reaching it
         assert row["tta_train_s"] == hit["train_s"] and row["tta_step"] == hit["step"]
     assert "train s to val acc >= target" in (tmp_path / "bench.md").read_text()
+
+
+def test_simulate_mode_is_labelled_and_consistent(tmp_path):
+    cmd = [sys.executable, "-m", "sidpipe.cli", "bench", "mode=simulate", "data=digits",
+           "model=mlp", "model.width=64", "bench.batch_size=64", "bench.microbatches=[2]",
+           f"bench.out_dir={tmp_path}", f"hydra.run.dir={tmp_path}/hydra"]  # fmt: skip
+    r = run_clean(cmd, tmp_path, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    rows = {x["scheme"]: x for x in json.loads((tmp_path / "bench.json").read_text())["rows"]}
+    assert all(row["simulated"] for row in rows.values())
+    sid, gpipe = rows["sid"], rows["gpipe"]
+    assert sid["efficiency"] == pytest.approx(
+        sid["samples_per_s"] / (2 * rows["seq_sid"]["samples_per_s"])
+    )
+    assert sid["ratio_vs_gpipe"] == pytest.approx(sid["samples_per_s"] / gpipe["samples_per_s"])
+    assert "**SIMULATED**" in (tmp_path / "bench.md").read_text()

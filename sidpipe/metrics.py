@@ -100,3 +100,14 @@ def load_state(run_dir: str | Path) -> dict[str, torch.Tensor]:
     for path in sorted((Path(run_dir) / "model").glob("stage*.pt")):
         state.update(torch.load(path, map_location="cpu", weights_only=True))
     return state
+
+
+def timed_call(fn: Any, device: torch.device) -> float:
+    """Seconds one call of fn takes, the device's queued work included (CUDA is async)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    t0 = time.perf_counter()
+    fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter() - t0

@@ -13,7 +13,6 @@ produces is labelled simulated wherever it is reported.
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass
 
 import torch
@@ -21,6 +20,7 @@ import torch.nn.functional as F
 
 from sidpipe.config import Config
 from sidpipe.data import Batches, DataBundle
+from sidpipe.metrics import timed_call
 from sidpipe.models import BlockNet
 from sidpipe.models.heads import uniform_prior
 from sidpipe.models.partition import StageModule, partition_blocks
@@ -36,16 +36,6 @@ class StageTimes:
     bp_update: float  # the optimizer step, once per batch
 
 
-def _one(fn, device: torch.device) -> float:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    t0 = time.perf_counter()
-    fn()
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    return time.perf_counter() - t0
-
-
 def _mean_pair(first, second, device: torch.device, iters: int) -> tuple[float, float]:
     """Mean time of `first` and of `second`, run as pairs (after two warm-up pairs)."""
     for _ in range(2):  # allocator, kernels, lazy optimizer state
@@ -53,8 +43,8 @@ def _mean_pair(first, second, device: torch.device, iters: int) -> tuple[float, 
         second()
     a = b = 0.0
     for _ in range(iters):
-        a += _one(first, device)
-        b += _one(second, device)
+        a += timed_call(first, device)
+        b += timed_call(second, device)
     return a / iters, b / iters
 
 
@@ -86,7 +76,7 @@ def _measure_stage(stage_mod: StageModule, cfg: Config, h, p, y, device, iters: 
             o.backward(torch.ones_like(o))  # any upstream gradient costs the same
 
     b_f, b_b = _mean_pair(bp_fwd, bp_bwd, device, iters)
-    b_u = sum(_one(opt.step, device) for _ in range(iters)) / iters
+    b_u = sum(timed_call(opt.step, device) for _ in range(iters)) / iters
     return StageTimes(t_f, t_u, b_f, b_b, b_u)
 
 

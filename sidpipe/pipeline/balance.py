@@ -11,13 +11,13 @@ from __future__ import annotations
 
 import logging
 import math
-import time
 from dataclasses import dataclass
 
 import torch
 
 from sidpipe.config import Config
 from sidpipe.data import Batches, DataBundle
+from sidpipe.metrics import timed_call
 from sidpipe.models import BlockNet
 from sidpipe.models.heads import uniform_prior
 from sidpipe.models.partition import StageModule
@@ -41,21 +41,23 @@ def profile_blocks(
     costs = []
     for i in range(net.n_blocks):
         stage = SIDStage(StageModule(net, range(i, i + 1)), cfg, total_updates=1000, device=device)
-        times = []
-        for it in range(iters + 2):  # two warm-up steps (allocator, kernels, lazy init)
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-            t0 = time.perf_counter()
-            h_out, p_out, losses, _ = stage.forward(h, p, y)
-            stage.update(losses)
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-            if it >= 2:
-                times.append(time.perf_counter() - t0)
-        nbytes = sum(t.numel() * t.element_size() for t in (h_out, p_out, y))
-        costs.append(BlockCost(sorted(times)[len(times) // 2], nbytes))
-        h, p = h_out, p_out
+        seconds, h, p = _time_block(stage, h, p, y, device, iters)
+        costs.append(BlockCost(seconds, sum(t.numel() * t.element_size() for t in (h, p, y))))
     return costs
+
+
+def _time_block(stage: SIDStage, h, p, y, device: torch.device, iters: int):
+    """Median seconds of one message's forward + update, and the block's output (h, p)."""
+    out: dict = {}
+
+    def step() -> None:
+        out["fwd"] = stage.forward(h, p, y)
+        stage.update(out["fwd"][2])
+
+    for _ in range(2):  # warm-up steps (allocator, kernels, lazy optimizer state)
+        step()
+    times = sorted(timed_call(step, device) for _ in range(iters))
+    return times[len(times) // 2], out["fwd"][0], out["fwd"][1]
 
 
 def best_cuts(

@@ -61,6 +61,15 @@ def torchrun(nproc: int) -> list[str]:
             f"--nproc-per-node={nproc}", "-m", "sidpipe.train"]  # fmt: skip
 
 
+def assert_run_stopped(r: subprocess.CompletedProcess, reason: str, run_dir: Path) -> None:
+    """A failed run: non-zero exit, the reason printed, no summary, no process left behind."""
+    assert r.returncode != 0
+    assert reason in r.stderr, r.stderr[-2000:]
+    assert not (run_dir / "summary.json").exists()
+    ps = subprocess.run(["pgrep", "-f", str(run_dir)], capture_output=True, text=True)
+    assert ps.stdout.strip() == ""
+
+
 def read_summary(run_dir: Path) -> dict:
     return json.loads((run_dir / "summary.json").read_text())
 

@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import json
 import math
-import subprocess
 from pathlib import Path
 
 import pytest
 import torch
 
 from sidpipe.metrics import load_state
-from tests.conftest import TINY, read_summary, run_clean, run_cli, torchrun
+from tests.conftest import TINY, assert_run_stopped, read_summary, run_clean, run_cli, torchrun
 
 # 1280 = 20 full batches of 64: no partial batch anywhere, so the run may cross the epoch
 # boundary (step 20) and still be step for step the single-process trainer.
@@ -206,11 +205,7 @@ def test_faults_stop_every_process(kind, reason, tmp_path):
         timeout=90,
         env={"SIDPIPE_FAULT": f"stage=1,step=5,kind={kind}"},
     )
-    assert r.returncode != 0
-    assert reason in r.stderr, r.stderr[-2000:]
-    assert not (tmp_path / "summary.json").exists()
-    ps = subprocess.run(["pgrep", "-f", str(tmp_path)], capture_output=True, text=True)
-    assert ps.stdout.strip() == ""
+    assert_run_stopped(r, reason, tmp_path)
 
 
 @pytest.mark.parametrize(

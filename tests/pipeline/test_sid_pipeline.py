@@ -4,13 +4,20 @@ from __future__ import annotations
 
 import math
 import shutil
-import subprocess
 
 import pytest
 import torch
 
 from sidpipe.metrics import load_state
-from tests.conftest import REPO, TINY, read_summary, run_clean, run_cli, torchrun
+from tests.conftest import (
+    REPO,
+    TINY,
+    assert_run_stopped,
+    read_summary,
+    run_clean,
+    run_cli,
+    torchrun,
+)
 
 STEPS = ["train.epochs=2", "train.max_steps=25"]  # >= 20 updates, an epoch boundary, 2 evals
 
@@ -129,12 +136,7 @@ def test_faults_stop_every_process(kind, reason, tmp_path):
         timeout=90,
         env={"SIDPIPE_FAULT": f"stage=1,step=5,kind={kind}"},
     )
-    assert r.returncode != 0
-    assert reason in r.stderr, r.stderr[-2000:]
-    assert not (tmp_path / "summary.json").exists()
-    # every stage process is gone: nothing of this run is left running
-    ps = subprocess.run(["pgrep", "-f", str(tmp_path)], capture_output=True, text=True)
-    assert ps.stdout.strip() == ""
+    assert_run_stopped(r, reason, tmp_path)
 
 
 @pytest.mark.parametrize(

@@ -67,20 +67,6 @@ def peak_memory_bytes(device: torch.device) -> int:
     return int(rss if sys.platform == "darwin" else rss * 1024)  # Linux reports KiB
 
 
-class Stopwatch:
-    """Accumulates named durations (seconds) with perf_counter; cheap enough for the hot loop."""
-
-    def __init__(self) -> None:
-        self.totals: dict[str, float] = {}
-        self._t0 = time.perf_counter()
-
-    def add(self, name: str, seconds: float) -> None:
-        self.totals[name] = self.totals.get(name, 0.0) + seconds
-
-    def elapsed(self) -> float:
-        return time.perf_counter() - self._t0
-
-
 def save_state(state: dict[str, torch.Tensor], run_dir: str | Path, stage: int) -> Path:
     """Final parameters of one stage, named as in the whole network (blocks.{i}, heads.{i}).
 

@@ -26,7 +26,7 @@ from sidpipe.data import Batches, DataBundle, load_data
 from sidpipe.logger import make_logger
 from sidpipe.loss import at_least_fp32, sid_loss
 from sidpipe.memory import MemoryProbe
-from sidpipe.metrics import Stopwatch, atomic_write_json, save_state
+from sidpipe.metrics import atomic_write_json, save_state
 from sidpipe.models import BlockNet, build_model
 from sidpipe.models.heads import uniform_prior
 from sidpipe.models.partition import StageModule
@@ -323,7 +323,7 @@ def _train_single(cfg: Config, run_dir: Path) -> dict[str, Any]:
     batches, splits = train_batches(cfg, data), eval_splits(cfg, data)
     metrics = make_logger(run_dir, to_dict(cfg), cfg.logger)
     history = History()
-    watch = Stopwatch()
+    started = time.perf_counter()
     bar = None
     if progress_enabled(cfg):
         from tqdm import tqdm
@@ -419,7 +419,7 @@ def _train_single(cfg: Config, run_dir: Path) -> dict[str, Any]:
         "epochs_run": epoch,
         "steps": step,
         "samples_per_s": samples / train_s if train_s > 0 else 0.0,
-        "wall_s": watch.elapsed(),
+        "wall_s": time.perf_counter() - started,
         "train_s": train_s,
         "per_stage": [
             {

@@ -6,6 +6,12 @@ microsecond; the probe samples it after every block's forward and after every up
 points where a step's memory peaks. The baseline is taken before the model is built, so
 data already loaded (stage 0) does not count. Peak RSS is reported beside it, but includes
 the Python/torch runtime (~0.7 GiB) and so hides the differences that matter.
+
+mallinfo2 also counts Python's own heap. torch.optim imports torch._dynamo lazily on the
+first optimizer built (~890 modules, ~26 MiB); importing it here, before any baseline,
+keeps that out of a stage's tensor memory. (Without it a SID stage, whose optimizer is its
+first import of dynamo, read ~26 MiB above a BP stage, which imports it with
+torch.distributed.pipelining.)
 """
 
 from __future__ import annotations
@@ -15,6 +21,7 @@ import ctypes.util
 from typing import Any
 
 import torch
+import torch._dynamo  # noqa: F401  (see below)
 from torch import nn
 
 from sidpipe.metrics import peak_memory_bytes

@@ -60,9 +60,21 @@ def markdown(result: dict[str, Any]) -> str:
                 f"{r['samples_per_s']:.0f} | {sim('efficiency')} | {sim('ratio_vs_gpipe')} | "
                 f"{sim('ratio_vs_1f1b')} |"
             )
-        lines += ["", "Measured per-stage times [ms] (first S, M):", ""]
-        for i, t in enumerate(rows[0]["stage_times_ms"]):
-            lines.append(f"- stage {i}: " + ", ".join(f"{k} {v:.2f}" for k, v in t.items()))
+        lines += [
+            "",
+            "Measured per-stage times [ms]; step ratio = SID step (forward + update) / BP "
+            "(forward + backward) of the same stage and message size:",
+        ]
+        for r in rows:
+            if r["scheme"] != "sid":
+                continue
+            lines += ["", f"S={r['stages']}, M={r['microbatches']}:"]
+            for i, t in enumerate(r["stage_times_ms"]):
+                ratio = (t["sid_forward"] + t["sid_update"]) / (t["bp_forward"] + t["bp_backward"])
+                lines.append(
+                    f"- stage {i}: " + ", ".join(f"{k} {v:.2f}" for k, v in t.items())
+                    + f"; step ratio {ratio:.2f}"
+                )  # fmt: skip
         return "\n".join(lines) + "\n"
     lines += [
         "| scheme | S | M | samples/s median [min–max] | efficiency | SID/GPipe | SID/1F1B | "

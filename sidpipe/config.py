@@ -158,6 +158,7 @@ class PipelineConfig:
     reuse_buffers: bool = True  # SID: receive h and p into the same buffers every message
     threads: int = 1  # torch threads per stage process
     cpu_affinity: bool = False  # pin stage r to cores [r*threads, (r+1)*threads): one "device" each
+    cuda_graphs: bool = False  # SID: replay each stage step as CUDA graphs (static shapes)
 
     def __post_init__(self) -> None:
         _check(self.stages >= 1, f"pipeline.stages must be >= 1 (got {self.stages})")
@@ -355,6 +356,26 @@ class Config:
                     f"pipeline.schedule=1f1b needs pipeline.microbatches >= pipeline.stages "
                     f"(got {self.pipeline.microbatches} < {self.pipeline.stages})",
                 )
+        if self.pipeline.cuda_graphs:
+            _check(
+                self.method is Method.sid and self.sid.variant is Variant.blockwise,
+                "pipeline.cuda_graphs=true graphs the SID blockwise stage step; "
+                f"it does not apply to method={self.method.value}"
+                + (f" sid.variant={self.sid.variant.value}" if self.method is Method.sid else ""),
+            )
+            _check(
+                self.sid.accumulate_steps == 1,
+                "pipeline.cuda_graphs=true needs sid.accumulate_steps=1 (a graph replays one "
+                f"fixed backward+step; got {self.sid.accumulate_steps})",
+            )
+            _check(
+                self.optim.fused,
+                "pipeline.cuda_graphs=true needs optim.fused=true (a capturable optimizer step)",
+            )
+            _check(
+                self.device is not Device.cpu,
+                "pipeline.cuda_graphs=true needs CUDA; it cannot be used with device=cpu",
+            )
 
 
 def register_configs() -> None:

@@ -37,7 +37,7 @@ from torch import Tensor
 
 log = logging.getLogger(__name__)
 
-DATASET_NAMES = ("digits", "mnist", "fashion_mnist", "cifar10", "cifar100")
+DATASET_NAMES = ("digits", "mnist", "fashion_mnist", "cifar10", "cifar100", "synthetic")
 
 # Per-channel mean/std of the training pixels scaled to [0, 1]. The CIFAR stds are the true
 # per-pixel stds (0.247...), not the often-copied 0.2023/0.1994/0.2010 (std of image means).
@@ -133,6 +133,26 @@ def _split(x: np.ndarray | Tensor, y: np.ndarray | Tensor) -> Split:
 
 
 # ----------------------------------------------------------------------------- readers
+
+
+def _load_synthetic() -> tuple[Split, Split, tuple[float, ...], tuple[float, ...]]:
+    """CIFAR-shaped stand-in that needs no files: 10 classes, 10,000 train + 2,000 test
+    images of 3x32x32. Each class is a fixed smooth random template; an image is its class
+    template plus pixel noise: easy (nearest class mean gets every test image right), since
+    it exists for throughput benchmarks on machines without the datasets, where speed does
+    not depend on the pixels. Accuracies on it mean nothing. The same
+    images on every machine (a fixed seed, independent of the run's)."""
+    g = torch.Generator().manual_seed(20261127)
+    n_train, n_test, k = 10_000, 2_000, 10
+    coarse = torch.rand(k, 3, 4, 4, generator=g)
+    templates = torch.nn.functional.interpolate(coarse, size=(32, 32), mode="bilinear")
+    y = torch.randint(0, k, (n_train + n_test,), generator=g)
+    noise = torch.randn(n_train + n_test, 3, 32, 32, generator=g) * 0.25
+    x = ((templates[y] + noise).clamp(0, 1) * 255).round().to(torch.uint8)
+    xf = x[:n_train].double() / 255.0
+    mean = tuple(round(float(v), 4) for v in xf.mean(dim=(0, 2, 3)))
+    std = tuple(round(float(v), 4) for v in xf.std(dim=(0, 2, 3)))
+    return _split(x[:n_train], y[:n_train]), _split(x[n_train:], y[n_train:]), mean, std
 
 
 def _load_digits() -> tuple[Split, Split, tuple[float, ...], tuple[float, ...]]:
@@ -338,6 +358,8 @@ def load_data(cfg: Any, seed: int) -> DataBundle:
 
     if name == "digits":
         train, test, mean, std = _load_digits()
+    elif name == "synthetic":
+        train, test, mean, std = _load_synthetic()
     else:
         root = resolve_root(getattr(cfg, "root", None))
         if name in _IDX_DIRS:

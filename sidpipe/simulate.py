@@ -20,6 +20,7 @@ import torch.nn.functional as F
 
 from sidpipe.config import Config
 from sidpipe.data import Batches, DataBundle
+from sidpipe.graphs import WARMUP
 from sidpipe.metrics import timed_call
 from sidpipe.models import BlockNet
 from sidpipe.models.heads import uniform_prior
@@ -36,9 +37,11 @@ class StageTimes:
     bp_update: float  # the optimizer step, once per batch
 
 
-def _mean_pair(first, second, device: torch.device, iters: int) -> tuple[float, float]:
-    """Mean time of `first` and of `second`, run as pairs (after two warm-up pairs)."""
-    for _ in range(2):  # allocator, kernels, lazy optimizer state
+def _mean_pair(
+    first, second, device: torch.device, iters: int, warmup: int = 2
+) -> tuple[float, float]:
+    """Mean time of `first` and of `second`, run as pairs (after `warmup` pairs)."""
+    for _ in range(warmup):  # allocator, kernels, lazy optimizer state, graph capture
         first()
         second()
     a = b = 0.0
@@ -58,7 +61,9 @@ def _measure_stage(stage_mod: StageModule, cfg: Config, h, p, y, device, iters: 
     def sid_upd() -> None:
         sid.update(state["out"][2])
 
-    t_f, t_u = _mean_pair(sid_fwd, sid_upd, device, iters)
+    # with pipeline.cuda_graphs the stage captures after WARMUP eager messages: time replays
+    warm = 2 + (WARMUP if cfg.pipeline.cuda_graphs else 0)
+    t_f, t_u = _mean_pair(sid_fwd, sid_upd, device, iters, warm)
     params = [q for b in stage_mod.blocks for q in b.parameters()]
     if stage_mod.is_last:
         params += list(stage_mod.heads[-1].parameters())

@@ -95,6 +95,17 @@ def test_digits_shapes_and_fixed_split(digits: DataBundle) -> None:
     assert abs(x.mean().item()) < 1e-3 and abs(x.std().item() - 1) < 1e-3
 
 
+def test_synthetic_needs_no_files_and_is_fixed(tmp_path: Path) -> None:
+    syn = load_data(Cfg("synthetic", root=str(tmp_path / "empty")), seed=0)
+    assert (len(syn.train), len(syn.test)) == (10_000, 2_000)
+    assert syn.in_shape == (3, 32, 32) and syn.num_classes == 10 and syn.augment is False
+    assert set(syn.train.y.unique().tolist()) == set(range(10))
+    again = load_data(Cfg("synthetic"), seed=7)
+    assert torch.equal(again.train.x, syn.train.x) and torch.equal(again.test.y, syn.test.y)
+    ((x, _),) = Batches(syn.train, syn, 10_000, shuffle=False, seed=0).epoch(0)
+    assert abs(x.mean().item()) < 1e-2 and abs(x.std().item() - 1) < 1e-2
+
+
 def test_subset_keeps_first_n(digits: DataBundle) -> None:
     b = load_data(Cfg(subset=100), seed=0)
     assert len(b.train) == 100 and len(b.test) == 360

@@ -15,6 +15,8 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 LAUNCH = ROOT / "launch"
 SCRIPTS = ["torchrun_single_node.sh", "torchrun_multi_node.sh", "slurm.sbatch"]
+# every shell script of the repo, for the syntax and shellcheck tests
+CHECKED = [LAUNCH / n for n in SCRIPTS] + [ROOT / "benchmarks" / "gpu_check.sh"]
 OVERRIDES = ["model=simplecnn", "data=mnist", "train.epochs=2", "data.root=/data/x"]
 
 
@@ -50,24 +52,24 @@ def hydra_args(cmd: list[str]) -> list[str]:
     return cmd[i + 2 :]
 
 
-@pytest.mark.parametrize("name", SCRIPTS)
-def test_bash_syntax(name):
-    proc = subprocess.run(["bash", "-n", str(LAUNCH / name)], capture_output=True, text=True)
+@pytest.mark.parametrize("path", CHECKED, ids=lambda p: p.name)
+def test_bash_syntax(path):
+    proc = subprocess.run(["bash", "-n", str(path)], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
 
 
-@pytest.mark.parametrize("name", SCRIPTS)
-def test_shellcheck(name):
+@pytest.mark.parametrize("path", CHECKED, ids=lambda p: p.name)
+def test_shellcheck(path):
     shellcheck = shutil.which("shellcheck")
     if shellcheck is None:
         pytest.skip("shellcheck not installed (apt-get install shellcheck)")
-    proc = subprocess.run([shellcheck, str(LAUNCH / name)], capture_output=True, text=True)
+    proc = subprocess.run([shellcheck, str(path)], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stdout + proc.stderr
 
 
-@pytest.mark.parametrize("name", SCRIPTS)
-def test_executable(name):
-    assert os.access(LAUNCH / name, os.X_OK)
+@pytest.mark.parametrize("path", CHECKED, ids=lambda p: p.name)
+def test_executable(path):
+    assert os.access(path, os.X_OK)
 
 
 def test_single_node_dry_run():

@@ -1,0 +1,41 @@
+#!/usr/bin/env bash
+# The GPU checks of issue #8, as one prepared script for a lent single-GPU machine (about
+# 10 minutes on an H100/H200). Run from the repository root:
+#
+#   OUT=/some/dir benchmarks/gpu_check.sh
+#
+# 1. the CUDA tests: graphs and eager agree (fp32, bf16), a 2-stage pipeline with graphs on
+#    one GPU (staged transport) equals the sequential trainer;
+# 2. per-stage step times on ResNet-18 (synthetic CIFAR-shaped data, bf16, S=4, 64-sample
+#    messages: bench.batch_size=256, M=4), eager and with pipeline.cuda_graphs=true. The
+#    target: SID step (forward + update) <= 1.15 x (BP forward + backward) of the same
+#    stage ("step ratio" in bench.md).
+#
+# The machine needs torch (any CUDA build >= 2.8) plus hydra-core, omegaconf and antlr4:
+# where those are missing, pip-download their wheels into .whl/ (see the device notes) and
+# the script installs them first. Results go to $OUT (default ./gpu_check_out).
+set -uo pipefail
+OUT=${OUT:-gpu_check_out}
+mkdir -p "$OUT"
+PY=${PYTHON:-python3}
+if compgen -G ".whl/*.whl" >/dev/null; then
+    "$PY" -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl || exit 1
+    export PYTHONPATH=/tmp/site:${PYTHONPATH:-}
+fi
+export PYTHONPATH=$PWD:${PYTHONPATH:-} PYTHONUNBUFFERED=1
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpu.txt"
+"$PY" -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda)" | tee -a "$OUT/gpu.txt"
+
+echo "== CUDA tests" | tee "$OUT/tests.log"
+timeout 300 "$PY" -m pytest -q -p no:cacheprovider tests/test_graphs.py 2>&1 | tee -a "$OUT/tests.log"
+
+for graphs in false true; do
+    echo "== step times, pipeline.cuda_graphs=$graphs"
+    timeout 240 "$PY" -m sidpipe.cli bench bench.mode=simulate model=resnet18 data=synthetic \
+        device=cuda precision=bf16 pipeline.cuda_graphs=$graphs \
+        bench.stages=[4] bench.microbatches=[4,8] bench.batch_size=256 \
+        bench.out_dir=/tmp/gpu_check/out-$graphs hydra.run.dir=/tmp/gpu_check/run-$graphs \
+        2>&1 | tail -30
+    # only the table comes back: a lent machine returns at most 8 files
+    cp /tmp/gpu_check/out-$graphs/bench.md "$OUT/simulate-graphs-$graphs.md"
+done

@@ -208,7 +208,13 @@ def sched_state(sched: Any) -> dict[str, Any] | None:
     """A scheduler's counters (its lambdas are code: rebuilt from the config, not saved)."""
     if sched is None:
         return None
-    return {k: v for k, v in sched.state_dict().items() if k != "lr_lambdas"}
+
+    def plain(v: Any) -> Any:  # a graph-safe optimizer's lr is a tensor: JSON wants floats
+        if isinstance(v, Tensor):
+            return float(v)
+        return [plain(x) for x in v] if isinstance(v, list) else v
+
+    return {k: plain(v) for k, v in sched.state_dict().items() if k != "lr_lambdas"}
 
 
 def restore_schedulers(schedulers: list[Any], states: list[dict[str, Any] | None]) -> None:

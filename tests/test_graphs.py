@@ -3,6 +3,7 @@ plain one (CPU), and every setting a graph cannot serve is refused with a clear 
 
 from __future__ import annotations
 
+import json
 import shlex
 
 import pytest
@@ -28,6 +29,7 @@ from sidpipe.models.heads import uniform_prior
 from sidpipe.models.partition import StageModule
 from sidpipe.stage import SIDStage, build_optimizer
 from sidpipe.train import CONF_DIR, to_config
+from sidpipe.trainer import restore_schedulers, sched_state
 from tests.conftest import REPO, TINY, read_summary, run_cli
 
 GRAPHS = PipelineConfig(cuda_graphs=True)
@@ -104,6 +106,25 @@ def test_graph_safe_optimizer_follows_the_plain_one(name):
     for a, b, a0 in zip(nets[0].parameters(), nets[1].parameters(), init, strict=True):
         assert torch.allclose(a, b, rtol=1e-5, atol=1e-6)
         assert not torch.allclose(a, a0)  # and they did train
+
+
+def test_graph_safe_schedule_survives_a_checkpoint():
+    """Scheduler state of a tensor-lr optimizer goes into the checkpoint's JSON and back."""
+    cfg = OptimConfig(lr=0.1, schedule="cosine")
+    net = nn.Linear(3, 2)
+    opt, sched = build_optimizer(net.parameters(), cfg, 10, lr_device=torch.device("cpu"))
+    for _ in range(4):
+        opt.step()
+        sched.step()
+    saved = json.loads(json.dumps(sched_state(sched)))
+    opt2, sched2 = build_optimizer(net.parameters(), cfg, 10, lr_device=torch.device("cpu"))
+    lr = opt2.param_groups[0]["lr"]
+    restore_schedulers([sched2], [saved])
+    for _ in range(2):
+        sched.step()
+        sched2.step()
+    assert opt2.param_groups[0]["lr"] is lr  # still the tensor a captured step reads
+    assert float(lr) == pytest.approx(float(opt.param_groups[0]["lr"]), rel=1e-6)
 
 
 # ---- GPU --------------------------------------------------------------------------------

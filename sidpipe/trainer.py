@@ -69,21 +69,23 @@ def total_steps(cfg: Config, data: DataBundle) -> int:
     return min(n, cfg.train.max_steps) if cfg.train.max_steps else n
 
 
-def train_batches(cfg: Config, data: DataBundle) -> Batches:
+def train_batches(cfg: Config, data: DataBundle, device: torch.device | None = None) -> Batches:
+    """device: keep the images there once (a GPU slices, augments and normalises its own
+    batches; no per-batch host work or copy). Same values as on the CPU."""
     return Batches(
-        data.train, data, cfg.train.batch_size, shuffle=True, seed=cfg.seed, augment=data.augment
-    )
+        data.train, data, cfg.train.batch_size, shuffle=True, seed=cfg.seed,
+        augment=data.augment, device=device,
+    )  # fmt: skip
 
 
-def eval_splits(cfg: Config, data: DataBundle) -> dict[str, Batches]:
-    splits = {
-        "test": Batches(data.test, data, cfg.train.eval_batch_size, shuffle=False, seed=cfg.seed)
+def eval_splits(
+    cfg: Config, data: DataBundle, device: torch.device | None = None
+) -> dict[str, Batches]:
+    splits = {"test": data.test} | ({"val": data.val} if data.val is not None else {})
+    return {
+        name: Batches(split, data, cfg.train.eval_batch_size, False, cfg.seed, device=device)
+        for name, split in splits.items()
     }
-    if data.val is not None:
-        splits["val"] = Batches(
-            data.val, data, cfg.train.eval_batch_size, shuffle=False, seed=cfg.seed
-        )
-    return splits
 
 
 # --------------------------------------------------------------------------------------
@@ -320,13 +322,13 @@ def _train_single(cfg: Config, run_dir: Path) -> dict[str, Any]:
             data.noise_rate,
             len(data.train),
         )
-    memory = MemoryProbe(device)  # baseline before the model exists
+    batches, splits = train_batches(cfg, data, device), eval_splits(cfg, data, device)
+    memory = MemoryProbe(device)  # baseline before the model exists (after the data)
     net = build_net(cfg, data)
     memory.attach(net.blocks if isinstance(net, BlockNet) else nn.ModuleList([net.extractor]))
     n_steps = total_steps(cfg, data)
     updates = n_steps // (cfg.sid.accumulate_steps if cfg.method is Method.sid else 1)
     method = make_method(cfg, net, max(1, updates), device)
-    batches, splits = train_batches(cfg, data), eval_splits(cfg, data)
     metrics = make_logger(run_dir, to_dict(cfg), cfg.logger)
     history = History()
     started = time.perf_counter()

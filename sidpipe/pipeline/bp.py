@@ -231,6 +231,17 @@ class BPStageRunner:
         self.per_epoch, self.n_steps = full_batch_steps(cfg, self.data)
         self.dropped = len(self.data.train) - self.per_epoch * cfg.train.batch_size
         self.m = cfg.pipeline.microbatches
+        # the first stage keeps the images on its device (before the memory baseline)
+        self.train_batches = Batches(
+            self.data.train,
+            self.data,
+            cfg.train.batch_size,
+            shuffle=True,
+            seed=cfg.seed,
+            augment=self.data.augment,
+            drop_last=True,
+            device=ctx.device if self.first else None,
+        )
         self.memory = MemoryProbe(ctx.device)  # baseline before the model exists
         net = build_net(cfg, self.data)
         check_bp_layout(cfg, self.data, net)
@@ -365,16 +376,7 @@ class BPStageRunner:
             raise PeerFailure(f"stopping: {peer}")
 
     def batches(self, epoch: int, start: int = 0) -> Iterator[tuple[Tensor | None, Tensor | None]]:
-        cfg, data, dev = self.cfg, self.data, self.ctx.device
-        full = Batches(
-            data.train,
-            data,
-            cfg.train.batch_size,
-            shuffle=True,
-            seed=cfg.seed,
-            augment=data.augment,
-            drop_last=True,
-        )
+        data, dev, full = self.data, self.ctx.device, self.train_batches
         if self.first:
             for x, _ in full.epoch(epoch, start=start):
                 yield x.to(dev, non_blocking=True), None

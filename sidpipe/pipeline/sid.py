@@ -81,6 +81,9 @@ class SIDStageRunner:
         self.data = load_data(
             cfg.data, cfg.seed
         )  # every rank: shapes, sizes; only stage 0 iterates
+        if self.first:  # the source keeps the images on its device (before the baseline)
+            self.batches = train_batches(cfg, self.data, ctx.device)
+            self.splits = eval_splits(cfg, self.data, ctx.device)
         self.memory = MemoryProbe(ctx.device)  # baseline before the model exists
         net = build_net(cfg, self.data)
         ranges = partition_blocks(net.n_blocks, cfg.pipeline.stages, cfg.pipeline.partition)
@@ -121,7 +124,7 @@ class SIDStageRunner:
     def source(self) -> Iterator[Message]:
         cfg, data = self.cfg, self.data
         n_steps = total_steps(cfg, data)
-        batches, splits = train_batches(cfg, data), eval_splits(cfg, data)
+        batches, splits = self.batches, self.splits
         every = cfg.train.eval_every_steps
         k = data.num_classes
 
@@ -129,7 +132,7 @@ class SIDStageRunner:
             for split_id, name in enumerate(SPLITS):
                 if name in splits:
                     for x, y in splits[name].epoch(0):
-                        prior = uniform_prior(x.shape[0], k)
+                        prior = uniform_prior(x.shape[0], k, x.device)
                         yield Message(Kind.EVAL, step, epoch, x, prior, y, split=split_id)
                     table = torch.zeros(0, 2, dtype=torch.int64)  # per-depth [hits, count]
                     yield Message(Kind.EVAL_END, step, epoch, table, split=split_id)
@@ -139,7 +142,7 @@ class SIDStageRunner:
         epoch, start = self.resume_at
         while step < n_steps:
             for i, (x, y) in enumerate(batches.epoch(epoch, start=start), start=start):
-                yield Message(Kind.TRAIN, step, epoch, x, uniform_prior(x.shape[0], k), y)
+                yield Message(Kind.TRAIN, step, epoch, x, uniform_prior(x.shape[0], k, x.device), y)
                 step += 1
                 if ckpt_every and step % ckpt_every == 0:
                     # split = the next batch's index in this epoch: where a resume starts

@@ -234,6 +234,7 @@ def versions() -> dict[str, str]:
 def simulated_rows(cfg: Config) -> list[dict[str, Any]]:
     """SIMULATED S-device pipelines from per-stage times measured on this one device."""
     from sidpipe.data import load_data
+    from sidpipe.pipeline.balance import auto_partition
     from sidpipe.pipeline.dist import set_threads
     from sidpipe.simulate import measure_stage_times, simulate
     from sidpipe.trainer import build_net, select_device
@@ -246,12 +247,16 @@ def simulated_rows(cfg: Config) -> list[dict[str, Any]]:
         for m in cfg.bench.microbatches:
             c = copy.deepcopy(cfg)
             c.pipeline.stages = s
+            if c.pipeline.partition == "auto":  # balanced on this device, as a real run would
+                c.train.batch_size = c.bench.batch_size // m  # profiled at the message size
+                c.pipeline.partition = auto_partition(c, data, build_net(c, data), device)
             times = measure_stage_times(
                 c, data, build_net(c, data), device, c.bench.batch_size // m
             )
             sim = simulate(times, c.bench.batch_size, m)
             for scheme in ("sid", "gpipe", "1f1b", "seq_sid", "seq_bp"):
                 rows.append({"scheme": scheme, "stages": s, "microbatches": m, "simulated": True,
+                             "partition": c.pipeline.partition,
                              "device": str(device), "samples_per_s": sim[f"{scheme}_samples_per_s"],
                              "stage_times_ms": [{k: v * 1e3 for k, v in vars(t).items()}
                                                 for t in times]})  # fmt: skip

@@ -68,7 +68,7 @@ def markdown(result: dict[str, Any]) -> str:
         for r in rows:
             if r["scheme"] != "sid":
                 continue
-            lines += ["", f"S={r['stages']}, M={r['microbatches']}:"]
+            lines += ["", f"S={r['stages']}, M={r['microbatches']}, cuts {r.get('partition')}:"]
             for i, t in enumerate(r["stage_times_ms"]):
                 ratio = (t["sid_forward"] + t["sid_update"]) / (t["bp_forward"] + t["bp_backward"])
                 lines.append(

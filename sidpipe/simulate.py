@@ -25,7 +25,7 @@ from sidpipe.metrics import timed_call
 from sidpipe.models import BlockNet
 from sidpipe.models.heads import uniform_prior
 from sidpipe.models.partition import StageModule, partition_blocks
-from sidpipe.stage import SIDStage, build_optimizer
+from sidpipe.stage import SIDStage, autocast, build_optimizer
 
 
 @dataclass
@@ -70,8 +70,9 @@ def _measure_stage(stage_mod: StageModule, cfg: Config, h, p, y, device, iters: 
     opt, _ = build_optimizer(params, cfg.optim, 1000)
     inp = h.detach().requires_grad_(not stage_mod.is_first)
 
-    def bp_fwd() -> None:
-        state["bp"] = stage_mod.bp_forward(inp)
+    def bp_fwd() -> None:  # under the same precision as the SID step (bf16 autocast or not)
+        with autocast(device, cfg.precision):
+            state["bp"] = stage_mod.bp_forward(inp)
 
     def bp_bwd() -> None:
         o = state["bp"]

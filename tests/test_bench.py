@@ -122,6 +122,7 @@ def test_time_to_accuracy_mode(tmp_path):
 def test_simulate_mode_is_labelled_and_consistent(tmp_path):
     cmd = [sys.executable, "-m", "sidpipe.cli", "bench", "mode=simulate", "data=digits",
            "model=mlp", "model.width=64", "bench.batch_size=64", "bench.microbatches=[2]",
+           "pipeline.partition=auto",  # balanced per S on this device, as a run would be
            f"bench.out_dir={tmp_path}", f"hydra.run.dir={tmp_path}/hydra"]  # fmt: skip
     r = run_clean(cmd, tmp_path, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
@@ -132,4 +133,11 @@ def test_simulate_mode_is_labelled_and_consistent(tmp_path):
         sid["samples_per_s"] / (2 * rows["seq_sid"]["samples_per_s"])
     )
     assert sid["ratio_vs_gpipe"] == pytest.approx(sid["samples_per_s"] / gpipe["samples_per_s"])
-    assert "**SIMULATED**" in (tmp_path / "bench.md").read_text()
+    report = (tmp_path / "bench.md").read_text()
+    assert "**SIMULATED**" in report
+    (cut,) = sid["partition"]  # S=2, 4 blocks: one measured cut
+    assert isinstance(cut, int) and 1 <= cut <= 3 and f"cuts [{cut}]" in report
+    # the GPU target's metric, per stage: SID step / BP forward+backward
+    for i, t in enumerate(sid["stage_times_ms"]):
+        ratio = (t["sid_forward"] + t["sid_update"]) / (t["bp_forward"] + t["bp_backward"])
+        assert f"stage {i}: " in report and f"step ratio {ratio:.2f}" in report

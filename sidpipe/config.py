@@ -191,6 +191,10 @@ class OptimConfig:
     schedule: str = "none"  # none | cosine (over the run's total steps)
     # Fused Adam/AdamW/SGD kernels: ~6x faster steps on CPU (SID steps once per message).
     fused: bool = True
+    # SID: one optimizer per module, as the method is written. Off (default): one optimizer
+    # per stage over all its modules; the same updates (these optimizers are elementwise)
+    # in one kernel instead of one per module.
+    per_module: bool = False
 
     def __post_init__(self) -> None:
         _check(
@@ -215,6 +219,7 @@ class TrainConfig:
     eval_every_epoch: bool = True
     eval_every_steps: int | None = None  # also evaluate every N steps (time-to-accuracy)
     final_eval: bool = True  # evaluate at the end (benchmarks turn evaluation off)
+    data_on_device: bool = True  # the first stage keeps the images on its device (GPU: no copies)
 
     def __post_init__(self) -> None:
         _check(self.epochs >= 1, f"train.epochs must be >= 1 (got {self.epochs})")

@@ -72,6 +72,7 @@ def total_steps(cfg: Config, data: DataBundle) -> int:
 def train_batches(cfg: Config, data: DataBundle, device: torch.device | None = None) -> Batches:
     """device: keep the images there once (a GPU slices, augments and normalises its own
     batches; no per-batch host work or copy). Same values as on the CPU."""
+    device = device if cfg.train.data_on_device else None
     return Batches(
         data.train, data, cfg.train.batch_size, shuffle=True, seed=cfg.seed,
         augment=data.augment, device=device,
@@ -81,6 +82,7 @@ def train_batches(cfg: Config, data: DataBundle, device: torch.device | None = N
 def eval_splits(
     cfg: Config, data: DataBundle, device: torch.device | None = None
 ) -> dict[str, Batches]:
+    device = device if cfg.train.data_on_device else None
     splits = {"test": data.test} | ({"val": data.val} if data.val is not None else {})
     return {
         name: Batches(split, data, cfg.train.eval_batch_size, False, cfg.seed, device=device)

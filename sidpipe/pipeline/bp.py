@@ -240,7 +240,7 @@ class BPStageRunner:
             seed=cfg.seed,
             augment=self.data.augment,
             drop_last=True,
-            device=ctx.device if self.first else None,
+            device=ctx.device if self.first and cfg.train.data_on_device else None,
         )
         self.memory = MemoryProbe(ctx.device)  # baseline before the model exists
         net = build_net(cfg, self.data)

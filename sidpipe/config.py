@@ -156,7 +156,6 @@ class PipelineConfig:
     transport: Transport = Transport.auto
     trace: bool = False  # Chrome-trace JSON of every stage's spans
     reuse_buffers: bool = True  # SID: receive h and p into the same buffers every message
-    prepost_payload: bool = True  # SID: post the next message's payload irecvs ahead (overlap)
     threads: int = 1  # torch threads per stage process
     cpu_affinity: bool = False  # pin stage r to cores [r*threads, (r+1)*threads): one "device" each
     cuda_graphs: bool = False  # SID: replay each stage step as CUDA graphs (static shapes)

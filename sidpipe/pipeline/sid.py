@@ -96,7 +96,7 @@ class SIDStageRunner:
         del net  # keep only this stage's blocks alive
         self.transport = Transport(
             ctx.rank, ctx.world, ctx.device, cfg.pipeline.queue_depth, ctx.staged,
-            cfg.pipeline.reuse_buffers, cfg.pipeline.prepost_payload,
+            cfg.pipeline.reuse_buffers,
         )  # fmt: skip
         self.tracer = Tracer(ctx.rank, enabled=cfg.pipeline.trace)
         self.fault = Fault.from_env(ctx.rank)
@@ -342,7 +342,6 @@ class SIDStageRunner:
             "send_wait_fraction": st.send_wait_s / wall,
             "bytes_sent_forward": st.bytes_forward,
             "bytes_sent_backward": st.bytes_backward,
-            "bytes_sent_filler": st.bytes_filler,
             "messages_sent": st.messages_sent,
             "train_messages": self.step,
             **self.memory.report(),

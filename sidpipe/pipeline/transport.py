@@ -2,18 +2,10 @@
 
 A message is a fixed-size int64 header followed by up to three tensors: the activation h,
 the belief p and the labels y. The sender keeps a bounded window of outstanding isends
-(`pipeline.queue_depth` messages: backpressure with bounded memory). Every byte sent is
-counted here, split by direction: a send to a lower rank is backward traffic, which SID must
-never produce.
-
-Overlap. gloo transfers a send only once the receiver has posted the matching recv, so a
-payload irecv posted after its header arrived moves the data while the receiver waits.
-With `pipeline.prepost_payload` (default) the receiver therefore posts the next message's
-header *and* payload irecvs as soon as the current message is in, in the layout (shapes,
-dtypes) of the last TRAIN/EVAL message: the "slot". Both sides apply the same rule, so they
-agree without talking: a message whose payload has the slot's layout travels in the slot;
-any other message (the last partial batch, an epoch end, the stop) sends a filler of the
-slot's layout first, then its own payload. Fillers are rare and counted apart.
+(`pipeline.queue_depth` messages: backpressure with bounded memory); the receiver posts the
+irecv of the next header as soon as the current payload is posted, so a message's arrival
+overlaps the receiver's compute. Every byte sent is counted here, split by direction: a
+send to a lower rank is backward traffic, which SID must never produce.
 
 Ops are posted in the same order on both sides, which NCCL requires (it ignores tags).
 """
@@ -29,7 +21,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-HEADER_LEN = 17  # [kind, step, epoch, ndim, dtype, shape x8, p cols, y len, split, in slot]
+HEADER_LEN = 16
 MAX_DIMS = 8
 _DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.int64, torch.float64]
 
@@ -57,20 +49,9 @@ class Message:
         return [t for t in (self.h, self.p, self.y) if t is not None]
 
 
-Layout = tuple[tuple[int, ...], torch.dtype, tuple[int, ...], tuple[int, ...]]
-
-
-def _layout(msg: Message) -> Layout | None:
-    """What a slot holds: the shapes of a TRAIN/EVAL payload (h, p, y), h's dtype."""
-    if msg.kind not in (Kind.TRAIN, Kind.EVAL) or msg.h is None or msg.p is None or msg.y is None:
-        return None
-    return tuple(msg.h.shape), msg.h.dtype, tuple(msg.p.shape), tuple(msg.y.shape)
-
-
-def _encode(msg: Message, in_slot: bool) -> Tensor:
+def _encode(msg: Message) -> Tensor:
     hdr = torch.zeros(HEADER_LEN, dtype=torch.int64)
     hdr[0], hdr[1], hdr[2], hdr[15] = int(msg.kind), msg.step, msg.epoch, msg.split
-    hdr[16] = int(in_slot)
     if msg.h is not None:
         if msg.h.dim() > MAX_DIMS:
             raise ValueError(f"activation has {msg.h.dim()} dims; the header holds {MAX_DIMS}")
@@ -84,9 +65,8 @@ def _encode(msg: Message, in_slot: bool) -> Tensor:
 
 @dataclass
 class TransportStats:
-    bytes_forward: int = 0  # everything sent to rank+1, fillers included
+    bytes_forward: int = 0
     bytes_backward: int = 0
-    bytes_filler: int = 0  # slot fillers (see the module docstring), part of bytes_forward
     messages_sent: int = 0
     recv_wait_s: float = 0.0
     send_wait_s: float = 0.0
@@ -109,7 +89,6 @@ class Transport:
         queue_depth: int,
         staged: bool,
         reuse_buffers: bool = True,
-        prepost_payload: bool = True,
     ):
         self.rank, self.world = rank, world
         self.device = device
@@ -120,22 +99,15 @@ class Transport:
         self.stats = TransportStats()
         self._outstanding: deque[_Pending] = deque()
         self._next_header: tuple[Tensor, object] | None = None
-        # Receive buffers for h and p, reused: the stage has finished with a message
-        # (forward, backward, step) before it receives the one after next, so two sets
-        # alternate (one may be filling, ahead, while the stage works on the other). Labels
+        # Receive buffers for h and p, reused message after message: the stage has finished
+        # with a message (forward, backward, step) before it receives the next one. Labels
         # are not reused: they travel on in the send window. Not with the staged transport,
         # whose asynchronous host-to-device copy may still be reading the pinned buffer.
         self.reuse_buffers = reuse_buffers and not staged
         self._buffers: dict[tuple, Tensor] = {}
-        self._flip = 0  # which of the two buffer sets the next slot fills
-        self.prepost = prepost_payload
-        self._send_layout: Layout | None = None
-        self._recv_layout: Layout | None = None
-        self._slot: tuple[list[Tensor], list] | None = None  # pre-posted payload irecvs
-        self._fillers: dict[Layout, list[Tensor]] = {}
 
     # ---- sending -------------------------------------------------------------------
-    def _isend(self, t: Tensor, dst: int, pending: _Pending, filler: bool = False) -> None:
+    def _isend(self, t: Tensor, dst: int, pending: _Pending) -> None:
         if self.staged and t.device.type == "cuda":
             host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
             host.copy_(t, non_blocking=True)
@@ -151,40 +123,20 @@ class Transport:
             self.stats.bytes_forward += nbytes
         else:
             self.stats.bytes_backward += nbytes
-        if filler:
-            self.stats.bytes_filler += nbytes
 
-    def send(self, msg: Message) -> None:
+    def send(self, msg: Message, dst: int | None = None) -> None:
         """Post the message's isends; blocks only while the window of outstanding sends is full."""
-        dst = self.rank + 1
+        dst = self.rank + 1 if dst is None else dst
         if len(self._outstanding) >= self.queue_depth:
             t0 = time.perf_counter()
             self._wait_oldest()
             self.stats.send_wait_s += time.perf_counter() - t0
         pending = _Pending(works=[])
-        layout, slot = _layout(msg), self._send_layout
-        in_slot = slot is not None and layout == slot
-        self._isend(_encode(msg, in_slot).to(self.comm_device), dst, pending)
-        if slot is not None and not in_slot:  # the receiver's pre-posted irecvs want these
-            for t in self._filler(slot):
-                self._isend(t, dst, pending, filler=True)
+        self._isend(_encode(msg).to(self.comm_device), dst, pending)
         for t in msg.tensors():
             self._isend(t, dst, pending)
-        if self.prepost and layout is not None:
-            self._send_layout = layout
         self._outstanding.append(pending)
         self.stats.messages_sent += 1
-
-    def _filler(self, layout: Layout) -> list[Tensor]:
-        if layout not in self._fillers:  # zeros, sent and never read: one set per layout
-            h_shape, h_dtype, p_shape, y_shape = layout
-            dev = self.comm_device
-            self._fillers[layout] = [
-                torch.zeros(h_shape, dtype=h_dtype, device=dev),
-                torch.zeros(p_shape, dtype=torch.float32, device=dev),
-                torch.zeros(y_shape, dtype=torch.int64, device=dev),
-            ]
-        return self._fillers[layout]
 
     def _wait_oldest(self) -> None:
         for w in self._outstanding.popleft().works:
@@ -197,20 +149,9 @@ class Transport:
         self.stats.send_wait_s += time.perf_counter() - t0
 
     # ---- receiving -----------------------------------------------------------------
-    def _post_next(self, src: int) -> None:
-        """Post the next message's header irecv and, with a known layout, its slot's."""
+    def _post_header(self, src: int) -> None:
         buf = torch.empty(HEADER_LEN, dtype=torch.int64, device=self.comm_device)
         self._next_header = (buf, dist.irecv(buf, src))
-        self._slot = None
-        if self.prepost and self._recv_layout is not None:
-            h_shape, h_dtype, p_shape, y_shape = self._recv_layout
-            self._flip ^= 1
-            ts = [
-                self._buffer(list(h_shape), h_dtype, f"h{self._flip}"),
-                self._buffer(list(p_shape), torch.float32, f"p{self._flip}"),
-                self._buffer(list(y_shape), torch.int64),
-            ]
-            self._slot = (ts, [dist.irecv(t, src) for t in ts])
 
     def _buffer(self, shape: list[int], dtype: torch.dtype, role: str = "") -> Tensor:
         key = (role, tuple(shape), dtype)
@@ -222,57 +163,39 @@ class Transport:
             self._buffers[key] = buf
         return buf
 
-    def recv(self) -> Message:
-        """Wait for the next message; the one after it has its irecvs posted on return."""
-        src = self.rank - 1
+    def recv(self, src: int | None = None) -> Message:
+        """Wait for the next message; the one after it has its header irecv posted on return."""
+        src = self.rank - 1 if src is None else src
         if self._next_header is None:
-            self._post_next(src)
+            self._post_header(src)
         assert self._next_header is not None
-        (buf, work), slot = self._next_header, self._slot
+        buf, work = self._next_header
         t0 = time.perf_counter()
         work.wait()
         hdr = buf.cpu().tolist()
         kind = Kind(hdr[0])
-        if bool(hdr[16]) != (slot is not None and self._header_layout(hdr) == self._recv_layout):
-            raise RuntimeError(f"transport out of step: header {hdr} vs slot {self._recv_layout}")
         h = p = y = None
-        works = list(slot[1]) if slot is not None else []  # in the slot, or its filler
-        if hdr[16]:
-            assert slot is not None
-            h, p, y = slot[0]
-        else:
-            if hdr[3] > 0:
-                shape = hdr[5 : 5 + hdr[3]]
-                h = self._buffer(shape, _DTYPES[hdr[4]])
-                works.append(dist.irecv(h, src))
-            if hdr[13] >= 0:
-                rows = h.shape[0] if h is not None else hdr[14]
-                p = self._buffer([rows, hdr[13]], torch.float32)
-                works.append(dist.irecv(p, src))
-            if hdr[14] >= 0:
-                y = self._buffer([hdr[14]], torch.int64)
-                works.append(dist.irecv(y, src))
-        msg = Message(kind, hdr[1], hdr[2], h, p, y, split=hdr[15])
-        layout = _layout(msg)
-        if self.prepost and layout is not None:
-            self._recv_layout = layout
+        works = []
+        if hdr[3] > 0:
+            shape = hdr[5 : 5 + hdr[3]]
+            h = self._buffer(shape, _DTYPES[hdr[4]], "h" if kind is Kind.TRAIN else "")
+            works.append(dist.irecv(h, src))
+        if hdr[13] >= 0:
+            rows = h.shape[0] if h is not None else hdr[14]
+            p = self._buffer([rows, hdr[13]], torch.float32, "p" if kind is Kind.TRAIN else "")
+            works.append(dist.irecv(p, src))
+        if hdr[14] >= 0:
+            y = self._buffer([hdr[14]], torch.int64)
+            works.append(dist.irecv(y, src))
         if kind is not Kind.STOP:
-            self._post_next(src)  # overlap the next arrival with this message's compute
+            self._post_header(src)  # overlap the next arrival with this message's compute
         else:
-            self._next_header = self._slot = None
+            self._next_header = None
         for w in works:
             w.wait()
         self.stats.recv_wait_s += time.perf_counter() - t0
         if self.comm_device != self.device:
-            msg.h, msg.p, msg.y = (
+            h, p, y = (
                 None if t is None else t.to(self.device, non_blocking=True) for t in (h, p, y)
             )
-        return msg
-
-    @staticmethod
-    def _header_layout(hdr: list[int]) -> Layout | None:
-        """The slot layout a header describes (None for messages that cannot use a slot)."""
-        if Kind(hdr[0]) not in (Kind.TRAIN, Kind.EVAL) or hdr[3] <= 0 or min(hdr[13:15]) < 0:
-            return None
-        shape = tuple(hdr[5 : 5 + hdr[3]])
-        return shape, _DTYPES[hdr[4]], (shape[0], hdr[13]), (hdr[14],)
+        return Message(kind, hdr[1], hdr[2], h, p, y, split=hdr[15])

@@ -9,7 +9,6 @@ import pytest
 import torch
 
 from sidpipe.metrics import load_state
-from sidpipe.pipeline.transport import HEADER_LEN
 from tests.conftest import (
     REPO,
     TINY,
@@ -39,7 +38,6 @@ def reference(tmp_path_factory):
         ("3 stages", ["pipeline.stages=3"]),
         ("virtual stages: 1+3 modules", ["pipeline.stages=2", "pipeline.partition=[1]"]),
         ("fresh receive buffers", ["pipeline.stages=2", "pipeline.reuse_buffers=false"]),
-        ("payload irecvs not pre-posted", ["pipeline.stages=3", "pipeline.prepost_payload=false"]),
     ],
 )
 def test_pipeline_equals_sequential(name, overrides, reference, tmp_path):
@@ -70,23 +68,11 @@ def test_traffic_is_forward_only_and_counted(tmp_path):
     data = load_data(DataConfig(name="digits"), 0)
     net = build_model(ModelConfig(name="mlp", width=64, depth=4), data.in_shape, data.num_classes)
     assert Config().pipeline.queue_depth >= 1
-    header, k = HEADER_LEN * 8, data.num_classes
+    header, k = 16 * 8, data.num_classes
     train_sizes = (
         [64] * 22 + [len(data.train) - 22 * 64] + [64] * 2
     )  # epoch 0 (23 batches), epoch 1
     test_sizes = [min(500, len(data.test) - i) for i in range(0, len(data.test), 500)]
-    # The message sequence, and the slot rule of transport.py: a TRAIN/EVAL message of the
-    # last TRAIN/EVAL message's size travels in the slot; any other message, after the
-    # first, sends a filler of the slot's size first.
-    evaluation = [("eval", n) for n in test_sizes] + [("eval_end", 0), ("epoch_end", 0)]
-    seq = [("train", n) for n in train_sizes[:23]] + evaluation
-    seq += [("train", n) for n in train_sizes[23:]] + evaluation + [("stop", 0)]
-    slot, filler_samples = None, 0
-    for kind, n in seq:
-        if slot is not None and not (kind in ("train", "eval") and n == slot):
-            filler_samples += slot
-        if kind in ("train", "eval"):
-            slot = n
     for stage, st in enumerate(stages[:-1]):
         width = math.prod(net.block_shapes()[st["modules"][-1]])
         per_sample = width * 4 + k * 4 + 8  # h fp32 + belief fp32 + label int64
@@ -94,11 +80,12 @@ def test_traffic_is_forward_only_and_counted(tmp_path):
         n_rows = n_before + len(st["modules"])
         expected = (
             sum(train_sizes + test_sizes * 2) * per_sample  # 2 evaluation passes (one per epoch)
-            + header * len(seq)  # one header per message
-            + 2 * n_rows * 2 * 8  # EVAL_END x2: the per-depth table
+            + header * (len(train_sizes) + 2 * len(test_sizes))  # TRAIN / EVAL messages
+            + 2 * (header + n_rows * 2 * 8)  # EVAL_END with the per-depth table
+            + 2 * header
+            + header  # EPOCH_END x2, STOP
         )
-        assert st["bytes_sent_filler"] == filler_samples * per_sample, f"stage {stage}"
-        assert st["bytes_sent_forward"] == expected + st["bytes_sent_filler"], f"stage {stage}"
+        assert st["bytes_sent_forward"] == expected, f"stage {stage}"
     assert stages[-1]["bytes_sent_forward"] == 0  # the sink sends nothing
     trace = (tmp_path / "trace.json").read_text()
     for span in ("recv-wait", "forward", "send", "backward+step"):

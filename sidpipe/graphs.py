@@ -11,8 +11,10 @@ two; that send is what lets the next stage start while this one runs its backwar
 
 - Shapes must be static: a message whose shapes or dtypes differ from the captured one (the
   last partial batch of an epoch) runs eagerly, on the same parameters and optimizer state.
-- The first WARMUP messages run eagerly: they create the optimizer state and let cuBLAS /
-  cuDNN initialise lazily outside the capture. They are real training steps, not discarded.
+- The first WARMUP messages run eagerly, on the stream that later captures: they create the
+  optimizer state and let cuBLAS / cuDNN create their per-stream handles and workspaces
+  outside the capture (lazy creation inside a capture fails). They are real training
+  steps, not discarded.
 - The optimizer must be graph-safe (fused, capturable, lr a device tensor that schedules
   update in place): `stage.build_optimizer(..., lr_device=...)` builds it so.
 - Host-side bookkeeping (message counts, lr schedules, metrics) stays outside the graphs.
@@ -20,7 +22,8 @@ two; that send is what lets the next stage start while this one runs its backwar
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+from collections.abc import Callable, Iterator
 
 import torch
 from torch import Tensor
@@ -51,6 +54,7 @@ class StepGraphs:
         self.pending: str | None = None  # how the last forward ran: "graph" | "eager"
         self.replays = 0  # messages run by graph replay
         self.eager = 0  # messages run eagerly (warm-up and shape fallbacks)
+        self.stream = torch.cuda.Stream()  # warm-up and both captures (handles are per stream)
 
     @property
     def captured(self) -> bool:
@@ -69,10 +73,10 @@ class StepGraphs:
         self._zero_grad()
         torch.cuda.synchronize()  # nothing of the eager messages may run inside a capture
         self.fwd_graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.fwd_graph):
+        with torch.cuda.graph(self.fwd_graph, stream=self.stream):
             self.static_out = self._forward(*self.static_in)
         self.upd_graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.upd_graph, pool=self.fwd_graph.pool()):
+        with torch.cuda.graph(self.upd_graph, pool=self.fwd_graph.pool(), stream=self.stream):
             self._backward(self.static_out[2])
             self._step()
 
@@ -96,7 +100,19 @@ class StepGraphs:
             )  # fmt: skip
         self.pending = "eager"
         self.eager += 1
-        return self._forward(h, p, y)
+        if self.captured:  # a shape fallback: plain eager on the current stream
+            return self._forward(h, p, y)
+        with self._warm_up_stream():
+            return self._forward(h, p, y)
+
+    @contextlib.contextmanager
+    def _warm_up_stream(self) -> Iterator[None]:
+        """Run on the capture stream, then wait for it: tensors made there are used and freed
+        on the current stream, which the caching allocator cannot see (3 messages only)."""
+        self.stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(self.stream):
+            yield
+        torch.cuda.synchronize()
 
     def update(self, losses: list[Tensor]) -> None:
         """Backward + optimizer step of the message the last `forward` ran."""
@@ -107,10 +123,12 @@ class StepGraphs:
             # After capture .grad holds the graph's static buffers: an eager backward must
             # not add to them.
             self._zero_grad()
-            self._backward(losses)
-            self._step()
+            warm_up = not self.captured
+            with self._warm_up_stream() if warm_up else contextlib.nullcontext():
+                self._backward(losses)
+                self._step()
             self._zero_grad()
-            if not self.captured:
+            if warm_up:
                 self.eager_left -= 1
         else:
             raise RuntimeError("StepGraphs.update called without a forward")

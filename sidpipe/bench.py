@@ -35,7 +35,8 @@ BARE_KEYS = ("mode", "target_accuracy", "eval_every", "max_epochs", "schemes")
 # Span names of the runners' traces, by category.
 BUSY = {"forward", "backward+step", "compute", "forward+backward", "step", "train-seq"}
 BUSY |= {"backward", "loss", "optimizer"}  # the BP runner's clock states (pipeline/bp.py)
-RECV = {"recv-wait", "recv"}
+RECV_WAIT = {"recv-wait"}  # idle: nothing has arrived (BP: every receive wait counts here)
+RECV = {"recv"}  # SID: header in, payload moving (a copy the core does; see transport.py)
 SEND = {"send", "send-wait"}
 
 
@@ -120,7 +121,12 @@ def analyze(trace: dict[str, Any], warmup: int, windows: int) -> dict[str, Any]:
         mine = [e for e in spans if e["tid"] == s]
         sums = {
             cat: sum(_clip(e, a, b) for e in mine if e["name"] in names) / (b - a)
-            for cat, names in (("busy", BUSY), ("recv_wait", RECV), ("send_wait", SEND))
+            for cat, names in (
+                ("busy", BUSY),
+                ("recv_wait", RECV_WAIT),
+                ("recv", RECV),
+                ("send_wait", SEND),
+            )  # fmt: skip
         }
         if len(stages) == 1:  # sequential: the whole step is compute
             sums["busy"] = sum(_clip(e, a, b) for e in mine if e["name"] == "train") / (b - a)

@@ -15,7 +15,7 @@ SCHEME_LABEL = {"sid": "SID pipeline", "gpipe": "GPipe (BP)", "1f1b": "1F1B (BP)
                 "seq_sid": "sequential SID", "seq_bp": "sequential BP"}  # fmt: skip
 COLORS = {"forward": "#4c72b0", "backward+step": "#dd8452", "compute": "#4c72b0",
           "forward+backward": "#4c72b0", "step": "#8172b3", "send": "#55a868",
-          "recv-wait": "#d9d9d9", "recv": "#d9d9d9", "send-wait": "#c44e52",
+          "recv-wait": "#d9d9d9", "recv": "#a6cee3", "send-wait": "#c44e52",
           "backward": "#dd8452"}  # fmt: skip
 
 
@@ -101,13 +101,16 @@ def markdown(result: dict[str, Any]) -> str:
         "tensor MiB/stage: peak memory of parameters, gradients, optimizer state and activations"
         " above a baseline taken before the model is built (mallinfo2 on CPU, allocator on CUDA).",
         "",
-        "Per-stage fractions of the timed window (busy / recv-wait / send-wait):",
+        "Per-stage fractions of the timed window (busy / recv-wait / recv / send-wait; "
+        "recv-wait: idle, nothing arrived; recv: SID payload arriving, a copy the core does; "
+        "BP counts every receive as recv-wait):",
         "",
     ]
     for r in rows:
         if r["scheme"] in ("sid", "gpipe", "1f1b"):
             parts = ", ".join(f"stage {st['stage']}: {st['busy']:.2f} / {st['recv_wait']:.2f} / "
-                              f"{st['send_wait']:.2f}" for st in r["per_stage"])  # fmt: skip
+                              f"{st['recv']:.2f} / {st['send_wait']:.2f}"
+                              for st in r["per_stage"])  # fmt: skip
             lines.append(
                 f"- {SCHEME_LABEL[r['scheme']]} S={r['stages']} M={r['microbatches']}: {parts}"
             )
@@ -153,6 +156,7 @@ def plot_utilisation(rows: list[dict[str, Any]], out: Path) -> Path:
             for key, color in (
                 ("busy", "#4c72b0"),
                 ("recv_wait", "#d9d9d9"),
+                ("recv", "#a6cee3"),
                 ("send_wait", "#c44e52"),
             ):
                 ax.barh(y, st[key], left=left, color=color, label=key if y == 0 else None)

@@ -23,6 +23,7 @@ def format_report(s: dict[str, Any]) -> str:
         lines.append(
             f"  stage {st['stage']}: busy {st['busy_fraction']:.2f}  "
             f"recv-wait {st.get('recv_wait_fraction', 0.0):.2f}  "
+            f"recv {st.get('recv_fraction', 0.0):.2f}  "
             f"bytes fwd {_mib(st['bytes_sent_forward'])}  bwd {_mib(st['bytes_sent_backward'])}  "
             f"tensors {_mib(st.get('peak_tensor_memory_bytes', 0))} "
             f"(RSS {_mib(st['peak_memory_bytes'])})"

@@ -65,6 +65,10 @@ def test_numbers_consistent(bench_result):
         assert r["samples_per_s_min"] <= r["samples_per_s"] <= r["samples_per_s_max"]
         for st in r["per_stage"]:
             assert 0 <= st["busy"] <= 1.0001 and 0 <= st["recv_wait"] <= 1.0001
+            assert 0 <= st["recv"] <= 1.0001
+            assert st["busy"] + st["recv_wait"] + st["recv"] + st["send_wait"] <= 1.0001
+    s0, s1 = rows["sid"]["per_stage"]
+    assert s0["recv"] == 0 < s1["recv"]  # only a receiving stage moves payloads in
     sid = rows["sid"]
     assert sid["ratio_vs_gpipe"] == pytest.approx(
         sid["samples_per_s"] / rows["gpipe"]["samples_per_s"]

@@ -94,11 +94,11 @@ class SIDStageRunner:
             StageModule(net, self.block_range), cfg, updates, ctx.device, self.memory
         )
         del net  # keep only this stage's blocks alive
+        self.tracer = Tracer(ctx.rank, enabled=cfg.pipeline.trace)
         self.transport = Transport(
             ctx.rank, ctx.world, ctx.device, cfg.pipeline.queue_depth, ctx.staged,
-            cfg.pipeline.reuse_buffers,
+            cfg.pipeline.reuse_buffers, self.tracer,
         )  # fmt: skip
-        self.tracer = Tracer(ctx.rank, enabled=cfg.pipeline.trace)
         self.fault = Fault.from_env(ctx.rank)
         self.metrics = stage_logger(ctx.rank, run_dir, to_dict(cfg), cfg.logger)
         self.history = History()
@@ -167,8 +167,7 @@ class SIDStageRunner:
                 yield msg
         else:
             while True:
-                with self.tracer.span("recv-wait"):
-                    msg = self.transport.recv()
+                msg = self.transport.recv()  # traces "recv-wait" and "recv" itself
                 yield msg
                 if msg.kind is Kind.STOP:
                     return
@@ -339,6 +338,7 @@ class SIDStageRunner:
             "modules": list(self.block_range),
             "busy_fraction": self.busy_s / wall,
             "recv_wait_fraction": st.recv_wait_s / wall,
+            "recv_fraction": st.recv_s / wall,
             "send_wait_fraction": st.send_wait_s / wall,
             "bytes_sent_forward": st.bytes_forward,
             "bytes_sent_backward": st.bytes_backward,

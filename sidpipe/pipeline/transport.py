@@ -5,7 +5,10 @@ the belief p and the labels y. The sender keeps a bounded window of outstanding 
 (`pipeline.queue_depth` messages: backpressure with bounded memory); the receiver posts the
 irecv of the next header as soon as the current payload is posted, so a message's arrival
 overlaps the receiver's compute. Every byte sent is counted here, split by direction: a
-send to a lower rank is backward traffic, which SID must never produce.
+send to a lower rank is backward traffic, which SID must never produce. Receiving is timed
+in two parts: "recv-wait" (no header yet: the upstream stage has not sent, the stage idles)
+and "recv" (header in, the payload moving: gloo transfers a send only once its recv is
+posted, so with one core per stage this copy is work that cannot overlap compute).
 
 Ops are posted in the same order on both sides, which NCCL requires (it ignores tags).
 """
@@ -20,6 +23,8 @@ from enum import IntEnum
 import torch
 import torch.distributed as dist
 from torch import Tensor
+
+from sidpipe.pipeline.trace import Tracer
 
 HEADER_LEN = 16
 MAX_DIMS = 8
@@ -68,7 +73,8 @@ class TransportStats:
     bytes_forward: int = 0
     bytes_backward: int = 0
     messages_sent: int = 0
-    recv_wait_s: float = 0.0
+    recv_wait_s: float = 0.0  # waiting for a header: nothing sent yet
+    recv_s: float = 0.0  # header in, waiting for the payload to arrive
     send_wait_s: float = 0.0
 
 
@@ -89,6 +95,7 @@ class Transport:
         queue_depth: int,
         staged: bool,
         reuse_buffers: bool = True,
+        tracer: Tracer | None = None,
     ):
         self.rank, self.world = rank, world
         self.device = device
@@ -97,6 +104,7 @@ class Transport:
         self.comm_device = torch.device("cpu") if (staged or device.type == "cpu") else device
         self.queue_depth = queue_depth
         self.stats = TransportStats()
+        self.tracer = tracer
         self._outstanding: deque[_Pending] = deque()
         self._next_header: tuple[Tensor, object] | None = None
         # Receive buffers for h and p, reused message after message: the stage has finished
@@ -173,6 +181,7 @@ class Transport:
         t0 = time.perf_counter()
         work.wait()
         hdr = buf.cpu().tolist()
+        t1 = time.perf_counter()
         kind = Kind(hdr[0])
         h = p = y = None
         works = []
@@ -193,7 +202,12 @@ class Transport:
             self._next_header = None
         for w in works:
             w.wait()
-        self.stats.recv_wait_s += time.perf_counter() - t0
+        t2 = time.perf_counter()
+        self.stats.recv_wait_s += t1 - t0
+        self.stats.recv_s += t2 - t1
+        if self.tracer is not None:
+            self.tracer.add("recv-wait", t0, t1)
+            self.tracer.add("recv", t1, t2)
         if self.comm_device != self.device:
             h, p, y = (
                 None if t is None else t.to(self.device, non_blocking=True) for t in (h, p, y)

@@ -88,7 +88,7 @@ def test_traffic_is_forward_only_and_counted(tmp_path):
         assert st["bytes_sent_forward"] == expected, f"stage {stage}"
     assert stages[-1]["bytes_sent_forward"] == 0  # the sink sends nothing
     trace = (tmp_path / "trace.json").read_text()
-    for span in ("recv-wait", "forward", "send", "backward+step"):
+    for span in ("recv-wait", "recv", "forward", "send", "backward+step"):
         assert f'"{span}"' in trace
 
 

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The GPU checks of issue #8, as one prepared script for a lent single-GPU machine (about
-# 10 minutes on an H100/H200). Run from the repository root:
+# 10-12 minutes on an H100/H200, each part bounded by a timeout). Run from the repository root:
 #
 #   OUT=/some/dir benchmarks/gpu_check.sh
 #
@@ -10,6 +10,11 @@
 #    messages: bench.batch_size=256, M=4), eager and with pipeline.cuda_graphs=true. The
 #    target: SID step (forward + update) <= 1.15 x (BP forward + backward) of the same
 #    stage ("step ratio" in bench.md).
+#
+# 3. the 16-core CPU targets on the same machine's cores (S=4, 4 threads per stage, pinned,
+#    synthetic data): SID vs GPipe vs 1F1B on a residual MLP of 16 blocks (target SID/GPipe
+#    >= 1.5 at M=4), and ResNet-18 SID with uniform vs auto cuts (target efficiency >= 0.92
+#    with partition=auto).
 #
 # The machine needs torch (any CUDA build >= 2.8) plus hydra-core, omegaconf and antlr4:
 # where those are missing, pip-download their wheels into .whl/ (see the device notes) and
@@ -33,9 +38,25 @@ for graphs in false true; do
     echo "== step times, pipeline.cuda_graphs=$graphs"
     timeout 240 "$PY" -m sidpipe.cli bench bench.mode=simulate model=resnet18 data=synthetic \
         device=cuda precision=bf16 pipeline.cuda_graphs=$graphs \
-        bench.stages=[4] bench.microbatches=[4,8] bench.batch_size=256 \
+        "bench.stages=[4]" "bench.microbatches=[4,8]" bench.batch_size=256 \
         bench.out_dir=/tmp/gpu_check/out-$graphs hydra.run.dir=/tmp/gpu_check/run-$graphs \
         2>&1 | tail -30
     # only the table comes back: a lent machine returns at most 8 files
     cp /tmp/gpu_check/out-$graphs/bench.md "$OUT/simulate-graphs-$graphs.md"
+done
+
+# 16-core CPU: one device per stage = 4 pinned cores each (gloo, as on any CPU cluster).
+CPU16=(device=cpu data=synthetic pipeline.cpu_affinity=true pipeline.threads=4 "bench.stages=[4]")
+echo "== CPU S=4: residual MLP, 16 blocks"
+timeout 240 "$PY" -m sidpipe.cli bench experiment=bench_mlp model.depth=16 "${CPU16[@]}" \
+    "bench.microbatches=[4,8]" bench.steps=32 bench.warmup=8 bench.windows=4 \
+    bench.out_dir=/tmp/gpu_check/cpu16-mlp hydra.run.dir=/tmp/gpu_check/run-cpu16-mlp 2>&1 | tail -5
+cp /tmp/gpu_check/cpu16-mlp/bench.md "$OUT/cpu16-mlp.md"
+for cuts in null auto; do
+    echo "== CPU S=4: ResNet-18, pipeline.partition=$cuts"
+    timeout 240 "$PY" -m sidpipe.cli bench model=resnet18 "${CPU16[@]}" pipeline.partition=$cuts \
+        "schemes=[sid,seq_sid]" "bench.microbatches=[4]" bench.steps=12 bench.warmup=4 \
+        bench.windows=2 bench.out_dir=/tmp/gpu_check/cpu16-r18-$cuts \
+        hydra.run.dir=/tmp/gpu_check/run-cpu16-r18-$cuts 2>&1 | tail -5
+    cp /tmp/gpu_check/cpu16-r18-$cuts/bench.md "$OUT/cpu16-resnet18-partition-$cuts.md"
 done

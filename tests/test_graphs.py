@@ -58,20 +58,30 @@ def test_settings_a_graph_cannot_serve_are_refused(build, message):
 
 
 def test_gpu_check_script_overrides_compose():
-    """benchmarks/gpu_check.sh runs on a lent GPU only: its bench overrides must at least form
-    a valid config here (the device check is the only one left to the GPU machine)."""
-    script = (REPO / "benchmarks" / "gpu_check.sh").read_text()
-    cmd = script[script.index("sidpipe.cli bench") :].split("2>&1")[0]
-    overrides = [
-        a.replace("$graphs", "true")
-        for a in shlex.split(cmd.replace("\\\n", " "))[2:]
-        if not a.startswith(("bench.out_dir", "hydra."))
-    ]
-    assert "pipeline.cuda_graphs=true" in overrides and "model=resnet18" in overrides
-    with initialize_config_dir(CONF_DIR, version_base=None):
-        cfg = to_config(compose("config", overrides))
-    assert cfg.pipeline.cuda_graphs and cfg.bench.mode == "simulate"
-    assert cfg.bench.batch_size // cfg.bench.microbatches[0] == 64  # the target's microbatch
+    """benchmarks/gpu_check.sh runs on a lent GPU machine only: every bench command in it must
+    at least form a valid config here (the device checks are left to that machine)."""
+    script = (REPO / "benchmarks" / "gpu_check.sh").read_text().replace("\\\n", " ")
+    cpu16 = shlex.split(script.split("CPU16=(")[1].split(")")[0])
+    configs = []
+    for line in script.splitlines():
+        if "sidpipe.cli bench" not in line:
+            continue
+        args = shlex.split(line.split("sidpipe.cli bench", 1)[1].split("2>&1")[0])
+        overrides = []
+        for a in args:
+            if a == "${CPU16[@]}":
+                overrides += cpu16
+            elif not a.startswith(("bench.out_dir", "hydra.")):
+                overrides.append(a.replace("$graphs", "true").replace("$cuts", "auto"))
+        overrides = [("bench." + a) if a.startswith("schemes=") else a for a in overrides]
+        with initialize_config_dir(CONF_DIR, version_base=None):
+            configs.append(to_config(compose("config", overrides)))
+    gpu, cpu_mlp, cpu_r18 = configs
+    assert gpu.pipeline.cuda_graphs and gpu.bench.mode == "simulate"
+    assert gpu.bench.batch_size // gpu.bench.microbatches[0] == 64  # the target's microbatch
+    for c in (cpu_mlp, cpu_r18):
+        assert c.pipeline.threads * c.bench.stages[0] == 16 and c.pipeline.cpu_affinity
+    assert cpu_mlp.model.depth == 16 and cpu_r18.pipeline.partition == "auto"
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU message")

@@ -255,7 +255,7 @@ def simulated_rows(cfg: Config) -> list[dict[str, Any]]:
             c.pipeline.stages = s
             if c.pipeline.partition == "auto":  # balanced on this device, as a real run would
                 c.train.batch_size = c.bench.batch_size // m  # profiled at the message size
-                c.pipeline.partition = auto_partition(c, data, build_net(c, data), device)
+                c.pipeline.partition = auto_partition(c, data, build_net(c, data), device)["cuts"]
             times = measure_stage_times(
                 c, data, build_net(c, data), device, c.bench.batch_size // m
             )

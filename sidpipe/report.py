@@ -19,6 +19,15 @@ def format_report(s: dict[str, Any]) -> str:
         "accuracy per depth: " + " ".join(f"{a:.3f}" for a in s["per_depth_accuracy"]),
         f"throughput: {s['samples_per_s']:.0f} samples/s   wall: {s['wall_s']:.1f} s",
     ]
+    plan = s.get("partition_auto")
+    if plan:
+        lines.append(
+            f"partition=auto {plan['cuts']}: per-message stage step [ms] predicted / measured: "
+            + ", ".join(
+                f"{p:.2f} / {m:.2f}" if m is not None else f"{p:.2f} / -"
+                for p, m in zip(plan["predicted_stage_ms"], plan["measured_stage_ms"])
+            )
+        )
     for st in s.get("per_stage", []):
         lines.append(
             f"  stage {st['stage']}: busy {st['busy_fraction']:.2f}  "

@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import math
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -92,7 +93,10 @@ def best_cuts(
     return bounds[1:-1], [stage_time(a, b) for a, b in zip(bounds, bounds[1:])]
 
 
-def auto_partition(cfg: Config, data: DataBundle, net: BlockNet, device: torch.device) -> list[int]:
+def auto_partition(
+    cfg: Config, data: DataBundle, net: BlockNet, device: torch.device
+) -> dict[str, Any]:
+    """Measure, balance, print; returns {cuts, block_step_ms, predicted_stage_ms}."""
     torch.set_num_threads(cfg.pipeline.threads)
     costs = profile_blocks(cfg, data, net, device)
     cuts, predicted = best_cuts(costs, cfg.pipeline.stages, cfg.pipeline.auto_bandwidth_gbs * 1e9)
@@ -103,4 +107,8 @@ def auto_partition(cfg: Config, data: DataBundle, net: BlockNet, device: torch.d
         + ", ".join(f"{t * 1e3:.2f}" for t in predicted),
         flush=True,
     )
-    return cuts
+    return {
+        "cuts": cuts,
+        "block_step_ms": [c.seconds * 1e3 for c in costs],
+        "predicted_stage_ms": [t * 1e3 for t in predicted],
+    }

@@ -18,6 +18,8 @@ from pathlib import Path
 from typing import Any
 
 from sidpipe.config import Config, Method
+from sidpipe.metrics import atomic_write_json
+from sidpipe.pipeline.report import AUTO_PLAN_FILE
 from sidpipe.trainer import TrainingError
 
 RUN_DIR_KEY = "sidpipe/run_dir"
@@ -44,8 +46,10 @@ def check_layout(cfg: Config) -> None:
         raise TrainingError(str(e)) from None
 
 
-def resolve_auto_partition(cfg: Config, local_rank: int = 0) -> Config:
-    """`pipeline.partition=auto` -> concrete cut points, measured on this process's device."""
+def resolve_auto_partition(cfg: Config, run_dir: Path, local_rank: int = 0) -> Config:
+    """`pipeline.partition=auto` -> concrete cut points, measured on this process's device.
+    What was measured and predicted goes to run_dir/partition_auto.json: the summary sets
+    each stage's measured step time beside its prediction."""
     if cfg.pipeline.partition != "auto":
         return cfg
     from sidpipe.data import load_data
@@ -53,9 +57,11 @@ def resolve_auto_partition(cfg: Config, local_rank: int = 0) -> Config:
     from sidpipe.trainer import build_net, select_device
 
     data = load_data(cfg.data, cfg.seed)
-    cuts = auto_partition(cfg, data, build_net(cfg, data), select_device(cfg, local_rank))
+    plan = auto_partition(cfg, data, build_net(cfg, data), select_device(cfg, local_rank))
+    run_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(run_dir / AUTO_PLAN_FILE, plan)
     cfg = copy.deepcopy(cfg)
-    cfg.pipeline.partition = cuts
+    cfg.pipeline.partition = plan["cuts"]
     return cfg
 
 
@@ -71,7 +77,7 @@ def stage_main(cfg: Config, run_dir: str) -> dict[str, Any]:
         run_dir = ctx.store.get(RUN_DIR_KEY).decode()
     if cfg.pipeline.partition == "auto":  # under torchrun: rank 0 measures, everyone uses it
         if ctx.rank == 0:
-            cfg = resolve_auto_partition(cfg, ctx.local_rank)
+            cfg = resolve_auto_partition(cfg, Path(run_dir), ctx.local_rank)
             ctx.store.set(CUTS_KEY, json.dumps(cfg.pipeline.partition))
         else:
             cfg = copy.deepcopy(cfg)
@@ -116,7 +122,7 @@ def run_pipeline(cfg: Config, run_dir: Path) -> dict[str, Any]:
 
     if under_torchrun():
         return stage_main(cfg, str(run_dir))
-    cfg = resolve_auto_partition(cfg)
+    cfg = resolve_auto_partition(cfg, run_dir)
     check_layout(cfg)
     (run_dir / FAILURE_FILE).unlink(missing_ok=True)
     return spawn(cfg, run_dir)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -12,6 +13,8 @@ from sidpipe.metrics import atomic_write_json
 from sidpipe.pipeline.dist import DistContext
 from sidpipe.pipeline.trace import chrome_trace
 from sidpipe.trainer import History, write_summary
+
+AUTO_PLAN_FILE = "partition_auto.json"  # pipeline.partition=auto: measured, chosen, predicted
 
 
 def gather_and_write(
@@ -47,5 +50,11 @@ def gather_and_write(
         "device": str(ctx.device.type),
         "per_stage": per_stage,
     }
+    plan_path = run_dir / AUTO_PLAN_FILE
+    if plan_path.exists():  # this run's plan (a stale one from another layout is left out)
+        plan = json.loads(plan_path.read_text())
+        if plan["cuts"] == list(cfg.pipeline.partition or []):
+            plan["measured_stage_ms"] = [st.get("train_step_ms") for st in per_stage]
+            summary["partition_auto"] = plan
     # the noise rate rank 0 realised on its training labels: no second load of the dataset
     return write_summary(run_dir, cfg, gathered[0]["_label_noise_rate"], summary)

@@ -104,6 +104,7 @@ class SIDStageRunner:
         self.history = History()
         self.step = 0  # training messages processed by this stage
         self.busy_s = 0.0
+        self.train_busy_s = 0.0  # forward + update of training messages (no send, no eval)
         self.loss_sum = torch.zeros(self.stage.n_modules, device=ctx.device)
         self.loss_n = 0
         self.hits = {s: torch.zeros(self.stage.n_modules, dtype=torch.int64) for s in SPLITS}
@@ -199,6 +200,7 @@ class SIDStageRunner:
         self.train_samples += msg.y.shape[0]
         t3 = time.perf_counter()
         self.busy_s += (t1 - t0) + (t3 - t2)
+        self.train_busy_s += (t1 - t0) + (t3 - t2)
         self.tracer.add("train", t0, t3, n=int(msg.y.shape[0]))  # one per message: throughput
         if self.step % self.cfg.train.log_every == 0:
             self.log_train(msg.epoch)
@@ -337,6 +339,8 @@ class SIDStageRunner:
             "stage": self.ctx.rank,
             "modules": list(self.block_range),
             "busy_fraction": self.busy_s / wall,
+            # per training message, forward + update: what partition=auto predicts
+            "train_step_ms": 1e3 * self.train_busy_s / max(1, self.step),
             "recv_wait_fraction": st.recv_wait_s / wall,
             "recv_fraction": st.recv_s / wall,
             "send_wait_fraction": st.send_wait_s / wall,

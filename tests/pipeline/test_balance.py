@@ -49,6 +49,12 @@ def test_auto_partition_run_equals_manual_run_with_same_cuts(tmp_path):
     assert "pipeline.partition=auto -> [" in r.stdout
     cuts = read_summary(auto)["config"]["pipeline"]["partition"]
     assert isinstance(cuts, list) and len(cuts) == 2
+    # the plan: what was measured per block, predicted per stage, and measured per stage
+    plan = read_summary(auto)["partition_auto"]
+    assert plan["cuts"] == cuts and len(plan["block_step_ms"]) == 6
+    assert len(plan["predicted_stage_ms"]) == len(plan["measured_stage_ms"]) == 3
+    assert all(t > 0 for t in plan["predicted_stage_ms"] + plan["measured_stage_ms"])
+    assert "per-message stage step [ms] predicted / measured:" in r.stdout
     r = run_cli([*args, f"pipeline.partition=[{cuts[0]},{cuts[1]}]"], manual)
     assert r.returncode == 0, r.stderr[-2000:]
     a, m = load_state(auto), load_state(manual)

@@ -14,7 +14,8 @@
 # 3. the 16-core CPU targets on the same machine's cores (S=4, 4 threads per stage, pinned,
 #    synthetic data): SID vs GPipe vs 1F1B on a residual MLP of 16 blocks (target SID/GPipe
 #    >= 1.5 at M=4), and ResNet-18 SID with uniform vs auto cuts (target efficiency >= 0.92
-#    with partition=auto).
+#    with partition=auto), and how much a per-message Adam step slows down when 1..16
+#    pinned processes step at once (memory-bandwidth contention, a suspect for S=4 scaling).
 #
 # The machine needs torch (any CUDA build >= 2.8) plus hydra-core, omegaconf and antlr4:
 # where those are missing, pip-download their wheels into .whl/ (see the device notes) and
@@ -28,10 +29,10 @@ if compgen -G ".whl/*.whl" >/dev/null; then
     export PYTHONPATH=/tmp/site:${PYTHONPATH:-}
 fi
 export PYTHONPATH=$PWD:${PYTHONPATH:-} PYTHONUNBUFFERED=1
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpu.txt"
-"$PY" -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda)" | tee -a "$OUT/gpu.txt"
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/tests.log"
+"$PY" -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda)" | tee -a "$OUT/tests.log"
 
-echo "== CUDA tests" | tee "$OUT/tests.log"
+echo "== CUDA tests" | tee -a "$OUT/tests.log"
 timeout 300 "$PY" -m pytest -q -p no:cacheprovider tests/test_graphs.py 2>&1 | tee -a "$OUT/tests.log"
 
 for graphs in false true; do
@@ -60,3 +61,6 @@ for cuts in null auto; do
         hydra.run.dir=/tmp/gpu_check/run-cpu16-r18-$cuts 2>&1 | tail -5
     cp /tmp/gpu_check/cpu16-r18-$cuts/bench.md "$OUT/cpu16-resnet18-partition-$cuts.md"
 done
+
+echo "== CPU: optimizer-step contention, 1..16 pinned processes"
+timeout 120 "$PY" benchmarks/optimizer_contention.py --procs 1 2 4 8 16 | tee "$OUT/optimizer-contention.md"

@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from tests.conftest import run_clean
+from tests.conftest import REPO, run_clean
 
 pytestmark = pytest.mark.timeout(600)
 
@@ -121,6 +121,17 @@ def test_time_to_accuracy_mode(tmp_path):
         hit = next(e for e in evals if e["val_per_depth"][-1] >= 0.8)  # the first one reaching it
         assert row["tta_train_s"] == hit["train_s"] and row["tta_step"] == hit["step"]
     assert "train s to val acc >= target" in (tmp_path / "bench.md").read_text()
+
+
+def test_optimizer_contention_script(tmp_path):
+    script = REPO / "benchmarks" / "optimizer_contention.py"
+    cmd = [sys.executable, str(script), "--procs", "1", "--iters", "2"]
+    r = run_clean(cmd, tmp_path, timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
+    row = [line for line in r.stdout.splitlines() if line.startswith("| 1 |")]
+    assert len(row) == 1 and float(row[0].split("|")[2]) > 0  # an Adam step took time
+    r = run_clean([*cmd[:3], "999"], tmp_path, timeout=60)
+    assert r.returncode != 0 and "needs 999 cores" in r.stderr
 
 
 def test_simulate_mode_is_labelled_and_consistent(tmp_path):

@@ -67,6 +67,21 @@ class DistContext:
         return None
 
 
+def check_cores(cfg: Config, local_stages: int) -> None:
+    """pipeline.cpu_affinity gives each stage on this node its own pipeline.threads cores:
+    refuse a layout that would have to share them (it would silently oversubscribe)."""
+    if not (cfg.pipeline.cpu_affinity and hasattr(os, "sched_getaffinity")):
+        return
+    have, need = len(os.sched_getaffinity(0)), local_stages * cfg.pipeline.threads
+    if need > have:
+        raise TrainingError(
+            f"pipeline.cpu_affinity=true gives each of {local_stages} stage(s) on this node its "
+            f"own pipeline.threads={cfg.pipeline.threads} core(s): {need} cores, but this "
+            f"process may use {have}; lower pipeline.threads or the stages per node, or set "
+            "pipeline.cpu_affinity=false"
+        )
+
+
 def set_threads(cfg: Config, local_rank: int) -> set[int] | None:
     """Threads per stage, and optionally one disjoint set of cores per stage process.
 
@@ -79,8 +94,8 @@ def set_threads(cfg: Config, local_rank: int) -> set[int] | None:
     if cfg.pipeline.cpu_affinity and hasattr(os, "sched_setaffinity"):
         previous = os.sched_getaffinity(0)
         cores = sorted(previous)
-        mine = [cores[(local_rank * n + i) % len(cores)] for i in range(n)]
-        os.sched_setaffinity(0, mine)
+        check_cores(cfg, local_rank + 1)
+        os.sched_setaffinity(0, cores[local_rank * n : (local_rank + 1) * n])
     torch.set_num_threads(n)
     return previous
 
@@ -95,6 +110,7 @@ def init_distributed(cfg: Config) -> DistContext:
             "launch one process per stage "
             f"(torchrun --nproc-per-node {cfg.pipeline.stages}) or set pipeline.stages={world}"
         )
+    check_cores(cfg, int(os.environ.get("LOCAL_WORLD_SIZE", world)))  # every rank, same verdict
     set_threads(cfg, local_rank)
     device = select_device(cfg, local_rank)
     transport = cfg.pipeline.transport

@@ -32,8 +32,10 @@ def check_layout(cfg: Config) -> None:
     """Fail before any process starts: data present, stages fit the model, cuts valid."""
     from sidpipe.data import load_data
     from sidpipe.models.partition import partition_blocks
+    from sidpipe.pipeline.dist import check_cores
     from sidpipe.trainer import build_net
 
+    check_cores(cfg, cfg.pipeline.stages)
     data = load_data(cfg.data, cfg.seed)
     net = build_net(cfg, data)
     if cfg.method is Method.bp:

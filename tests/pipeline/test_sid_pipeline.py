@@ -109,16 +109,21 @@ def test_torchrun_launch_writes_one_summary(tmp_path):
     assert sorted(p.name for p in tmp_path.glob("summary*.json")) == ["summary.json"]
 
 
-def test_torchrun_world_size_must_match_stages(tmp_path):
-    cmd = [
-        *torchrun(2),
-        *TINY,
-        "pipeline.stages=3",
-        f"hydra.run.dir={tmp_path}",
-    ]
+@pytest.mark.parametrize(
+    "overrides,message",
+    [
+        (["pipeline.stages=3"], "world size 2 != pipeline.stages=3"),
+        (
+            ["pipeline.stages=2", "pipeline.cpu_affinity=true", "pipeline.threads=512"],
+            "gives each of 2 stage(s) on this node its own pipeline.threads=512 core(s)",
+        ),
+    ],
+)
+def test_torchrun_bad_layout_fails_every_rank(overrides, message, tmp_path):
+    cmd = [*torchrun(2), *TINY, *overrides, f"hydra.run.dir={tmp_path}"]
     r = run_clean(cmd, tmp_path, timeout=120)
     assert r.returncode != 0
-    assert "world size 2 != pipeline.stages=3" in r.stderr
+    assert message in r.stderr
 
 
 @pytest.mark.parametrize(
@@ -153,6 +158,14 @@ def test_faults_stop_every_process(kind, reason, tmp_path):
             "train.batch_size=64 is not divisible by pipeline.microbatches=3",
         ),
         (["sid.variant=shared", "pipeline.stages=2"], "cannot be pipelined"),
+        (
+            ["pipeline.stages=2", "pipeline.cpu_affinity=true", "pipeline.threads=512"],
+            "pipeline.cpu_affinity=true gives each of 2 stage(s) on this node its own",
+        ),
+        (  # one process, same rule
+            ["pipeline.stages=1", "pipeline.cpu_affinity=true", "pipeline.threads=512"],
+            "gives each of 1 stage(s) on this node its own pipeline.threads=512 core(s)",
+        ),
     ],
 )
 def test_bad_layouts_fail_before_training(overrides, message, tmp_path):

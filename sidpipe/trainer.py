@@ -69,13 +69,15 @@ def total_steps(cfg: Config, data: DataBundle) -> int:
     return min(n, cfg.train.max_steps) if cfg.train.max_steps else n
 
 
-def train_batches(cfg: Config, data: DataBundle, device: torch.device | None = None) -> Batches:
+def train_batches(
+    cfg: Config, data: DataBundle, device: torch.device | None = None, drop_last: bool = False
+) -> Batches:
     """device: keep the images there once (a GPU slices, augments and normalises its own
     batches; no per-batch host work or copy). Same values as on the CPU."""
     device = device if cfg.train.data_on_device else None
     return Batches(
         data.train, data, cfg.train.batch_size, shuffle=True, seed=cfg.seed,
-        augment=data.augment, device=device,
+        augment=data.augment, drop_last=drop_last, device=device,
     )  # fmt: skip
 
 

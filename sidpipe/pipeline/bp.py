@@ -50,6 +50,7 @@ from sidpipe.memory import MemoryProbe
 from sidpipe.metrics import save_state
 from sidpipe.models.partition import StageModule, partition_blocks
 from sidpipe.pipeline.dist import DistContext
+from sidpipe.pipeline.report import handover
 from sidpipe.pipeline.sid import SPLITS, Fault, PeerFailure
 from sidpipe.pipeline.trace import Tracer
 from sidpipe.stage import autocast, build_optimizer
@@ -60,6 +61,7 @@ from sidpipe.trainer import (
     eval_splits,
     restore_schedulers,
     sched_state,
+    train_batches,
 )
 
 # Clock states (also the trace's span names). Busy as in the SID runner: compute, not data
@@ -232,15 +234,8 @@ class BPStageRunner:
         self.dropped = len(self.data.train) - self.per_epoch * cfg.train.batch_size
         self.m = cfg.pipeline.microbatches
         # the first stage keeps the images on its device (before the memory baseline)
-        self.train_batches = Batches(
-            self.data.train,
-            self.data,
-            cfg.train.batch_size,
-            shuffle=True,
-            seed=cfg.seed,
-            augment=self.data.augment,
-            drop_last=True,
-            device=ctx.device if self.first and cfg.train.data_on_device else None,
+        self.train_batches = train_batches(
+            cfg, self.data, ctx.device if self.first else None, drop_last=True
         )
         self.memory = MemoryProbe(ctx.device)  # baseline before the model exists
         net = build_net(cfg, self.data)
@@ -540,11 +535,7 @@ class BPStageRunner:
             "bubble_fraction": 1.0 - self._steady_compute_s / steady if steady > 0 else None,
             "bubble_textbook": (self.ctx.world - 1) / (self.m + self.ctx.world - 1),
             "eval_bytes_sent": self.eval_bytes,
-            "_train_samples": self.train_samples,
-            "_label_noise_rate": self.data.noise_rate,
-            "_train_s": self.train_s,
-            "_history": self.history.epochs if self.last else None,
-            "_trace": self.tracer.events(),
+            **handover(self),
         }
 
     def global_state_dict(self) -> dict[str, Tensor]:

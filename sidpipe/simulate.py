@@ -20,7 +20,6 @@ import torch.nn.functional as F
 
 from sidpipe.config import Config
 from sidpipe.data import Batches, DataBundle
-from sidpipe.graphs import WARMUP
 from sidpipe.metrics import timed_call
 from sidpipe.models import BlockNet
 from sidpipe.models.heads import uniform_prior
@@ -41,7 +40,7 @@ def _mean_pair(
     first, second, device: torch.device, iters: int, warmup: int = 2
 ) -> tuple[float, float]:
     """Mean time of `first` and of `second`, run as pairs (after `warmup` pairs)."""
-    for _ in range(warmup):  # allocator, kernels, lazy optimizer state, graph capture
+    for _ in range(warmup):  # see SIDStage.warm_up_messages
         first()
         second()
     a = b = 0.0
@@ -61,9 +60,7 @@ def _measure_stage(stage_mod: StageModule, cfg: Config, h, p, y, device, iters: 
     def sid_upd() -> None:
         sid.update(state["out"][2])
 
-    # with pipeline.cuda_graphs the stage captures after WARMUP eager messages: time replays
-    warm = 2 + (WARMUP if cfg.pipeline.cuda_graphs else 0)
-    t_f, t_u = _mean_pair(sid_fwd, sid_upd, device, iters, warm)
+    t_f, t_u = _mean_pair(sid_fwd, sid_upd, device, iters, sid.warm_up_messages)
     params = [q for b in stage_mod.blocks for q in b.parameters()]
     if stage_mod.is_last:
         params += list(stage_mod.heads[-1].parameters())

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from sidpipe.config import Config, ConfigError, OptimConfig, Precision
-from sidpipe.graphs import StepGraphs
+from sidpipe.graphs import WARMUP, StepGraphs
 from sidpipe.loss import sid_loss
 from sidpipe.memory import MemoryProbe
 from sidpipe.models.partition import StageModule
@@ -60,6 +60,11 @@ def build_optimizer(
     return opt, sched
 
 
+def check_graph_device(cfg: Config, device: torch.device) -> None:
+    if cfg.pipeline.cuda_graphs and device.type != "cuda":
+        raise ConfigError(f"pipeline.cuda_graphs=true needs a CUDA device; this run is on {device}")
+
+
 def autocast(
     device: torch.device, precision: Precision, cache: bool = True
 ) -> contextlib.AbstractContextManager:
@@ -82,10 +87,7 @@ class SIDStage:
         probe: MemoryProbe | None = None,
     ):
         graphs = cfg.pipeline.cuda_graphs
-        if graphs and device.type != "cuda":
-            raise ConfigError(
-                f"pipeline.cuda_graphs=true needs a CUDA device; this stage runs on {device}"
-            )
+        check_graph_device(cfg, device)
         if device.type == "cuda" and device.index is None:  # "cuda" -> "cuda:N": comparable
             device = torch.device("cuda", torch.cuda.current_device())
         self.stage = stage.to(device)
@@ -116,6 +118,12 @@ class SIDStage:
         self.probe = probe
         if probe is not None:
             probe.attach(stage.blocks)
+
+    @property
+    def warm_up_messages(self) -> int:
+        """Messages before a step runs at its steady cost (allocator, lazy optimizer state,
+        and with CUDA graphs the eager warm-up and the capture): what timing must skip."""
+        return 2 + (WARMUP if self.graphs is not None else 0)
 
     @property
     def n_modules(self) -> int:

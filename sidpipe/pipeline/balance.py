@@ -18,7 +18,6 @@ import torch
 
 from sidpipe.config import Config
 from sidpipe.data import Batches, DataBundle
-from sidpipe.graphs import WARMUP
 from sidpipe.metrics import timed_call
 from sidpipe.models import BlockNet
 from sidpipe.models.heads import uniform_prior
@@ -56,8 +55,7 @@ def _time_block(stage: SIDStage, h, p, y, device: torch.device, iters: int):
         out["fwd"] = stage.forward(h, p, y)
         stage.update(out["fwd"][2])
 
-    # warm-up steps (allocator, kernels, lazy optimizer state; CUDA-graph capture if on)
-    for _ in range(2 + (WARMUP if stage.graphs is not None else 0)):
+    for _ in range(stage.warm_up_messages):
         step()
     times = sorted(timed_call(step, device) for _ in range(iters))
     return times[len(times) // 2], out["fwd"][0], out["fwd"][1]

@@ -17,7 +17,7 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-from sidpipe.config import Config, ConfigError, Method
+from sidpipe.config import Config, Method
 from sidpipe.metrics import atomic_write_json
 from sidpipe.pipeline.report import AUTO_PLAN_FILE
 from sidpipe.trainer import TrainingError
@@ -124,10 +124,10 @@ def run_pipeline(cfg: Config, run_dir: Path) -> dict[str, Any]:
 
     if under_torchrun():
         return stage_main(cfg, str(run_dir))
+    from sidpipe.stage import check_graph_device
     from sidpipe.trainer import select_device
 
-    if cfg.pipeline.cuda_graphs and select_device(cfg).type != "cuda":
-        raise ConfigError("pipeline.cuda_graphs=true needs a CUDA device; this run is on cpu")
+    check_graph_device(cfg, select_device(cfg))  # before any stage starts
     cfg = resolve_auto_partition(cfg, run_dir)
     check_layout(cfg)
     (run_dir / FAILURE_FILE).unlink(missing_ok=True)

@@ -21,7 +21,7 @@ import ctypes.util
 from typing import Any
 
 import torch
-import torch._dynamo  # noqa: F401  (see below)
+import torch._dynamo  # noqa: F401  (see the module docstring)
 from torch import nn
 
 from sidpipe.metrics import peak_memory_bytes

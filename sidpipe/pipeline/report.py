@@ -17,6 +17,18 @@ from sidpipe.trainer import History, write_summary
 AUTO_PLAN_FILE = "partition_auto.json"  # pipeline.partition=auto: measured, chosen, predicted
 
 
+def handover(runner: Any) -> dict[str, Any]:
+    """What every stage runner (SID or BP) hands rank 0 beside its public per-stage numbers:
+    the '_' entries gather_and_write reads and leaves out of the summary's per_stage."""
+    return {
+        "_train_samples": runner.train_samples,
+        "_label_noise_rate": runner.data.noise_rate,
+        "_train_s": runner.train_s,
+        "_history": runner.history.epochs if runner.last else None,
+        "_trace": runner.tracer.events(),
+    }
+
+
 def gather_and_write(
     ctx: DistContext, cfg: Config, run_dir: Path, result: dict[str, Any]
 ) -> dict[str, Any]:

@@ -28,6 +28,7 @@ from sidpipe.metrics import save_state
 from sidpipe.models.heads import uniform_prior
 from sidpipe.models.partition import StageModule, partition_blocks
 from sidpipe.pipeline.dist import DistContext
+from sidpipe.pipeline.report import handover
 from sidpipe.pipeline.trace import Tracer
 from sidpipe.pipeline.transport import Kind, Message, Transport
 from sidpipe.stage import SIDStage
@@ -350,11 +351,7 @@ class SIDStageRunner:
             "train_messages": self.step,
             **self.memory.report(),
             "wall_s": wall,
-            "_train_samples": self.train_samples,
-            "_label_noise_rate": self.data.noise_rate,
-            "_train_s": self.train_s,
-            "_history": self.history.epochs if self.last else None,
-            "_trace": self.tracer.events(),
+            **handover(self),
         }
 
     def global_state_dict(self) -> dict[str, Tensor]:

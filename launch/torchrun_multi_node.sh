@@ -17,6 +17,8 @@
 #                   summary.json and the wandb run there, the last stage metrics.jsonl
 #   TORCHRUN        the torchrun executable (default: torchrun on PATH)
 #   DRY_RUN=1       print the command instead of running it
+# Over NCCL, SID sends message headers on a gloo side group (pipeline.host_headers): set
+# GLOO_SOCKET_IFNAME (like NCCL_SOCKET_IFNAME) where the default interface cannot reach peers.
 # Every argument is passed through as a hydra override.
 set -euo pipefail
 

@@ -159,6 +159,9 @@ class PipelineConfig:
     threads: int = 1  # torch threads per stage process
     cpu_affinity: bool = False  # pin stage r to cores [r*threads, (r+1)*threads): one "device" each
     cuda_graphs: bool = False  # SID: replay each stage step as CUDA graphs (static shapes)
+    # SID: message headers on their own gloo group in host memory, so reading one never waits
+    # for the GPU; None = exactly when the payloads go over NCCL
+    host_headers: bool | None = None
 
     def __post_init__(self) -> None:
         _check(self.stages >= 1, f"pipeline.stages must be >= 1 (got {self.stages})")
@@ -361,6 +364,11 @@ class Config:
                     f"pipeline.schedule=1f1b needs pipeline.microbatches >= pipeline.stages "
                     f"(got {self.pipeline.microbatches} < {self.pipeline.stages})",
                 )
+        _check(
+            not (self.pipeline.host_headers and self.method is Method.bp),
+            "pipeline.host_headers=true applies to SID pipelines; method=bp sends with "
+            "torch.distributed.pipelining's own p2p",
+        )
         if self.pipeline.cuda_graphs:
             _check(
                 self.method is Method.sid and self.sid.variant is Variant.blockwise,

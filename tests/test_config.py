@@ -50,6 +50,10 @@ from tests.conftest import run_cli
             ),
             "cannot be pipelined",
         ),
+        (
+            lambda: Config(method=Method.bp, pipeline=PipelineConfig(stages=2, host_headers=True)),
+            "pipeline.host_headers=true applies to SID pipelines",
+        ),
     ],
 )
 def test_validation_messages(build, message):

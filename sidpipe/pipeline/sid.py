@@ -13,10 +13,12 @@ import os
 import signal
 import time
 from collections.abc import Iterator
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch import Tensor
 
 from sidpipe import checkpoint
@@ -79,6 +81,14 @@ class SIDStageRunner:
     def __init__(self, ctx: DistContext, cfg: Config, run_dir: Path):
         self.ctx, self.cfg, self.run_dir = ctx, cfg, run_dir
         self.first, self.last = ctx.rank == 0, ctx.rank == ctx.world - 1
+        host_headers = cfg.pipeline.host_headers
+        if host_headers is None:
+            host_headers = ctx.backend == "nccl"
+        header_group = (  # a collective: every rank creates it, before the memory baseline
+            dist.new_group(backend="gloo", timeout=timedelta(seconds=cfg.pipeline.timeout_s))
+            if host_headers
+            else None
+        )
         self.data = load_data(
             cfg.data, cfg.seed
         )  # every rank: shapes, sizes; only stage 0 iterates
@@ -98,7 +108,7 @@ class SIDStageRunner:
         self.tracer = Tracer(ctx.rank, enabled=cfg.pipeline.trace)
         self.transport = Transport(
             ctx.rank, ctx.world, ctx.device, cfg.pipeline.queue_depth, ctx.staged,
-            cfg.pipeline.reuse_buffers, self.tracer,
+            cfg.pipeline.reuse_buffers, self.tracer, header_group,
         )  # fmt: skip
         self.fault = Fault.from_env(ctx.rank)
         self.metrics = stage_logger(ctx.rank, run_dir, to_dict(cfg), cfg.logger)

@@ -10,7 +10,11 @@ in two parts: "recv-wait" (no header yet: the upstream stage has not sent, the s
 and "recv" (header in, the payload moving: gloo transfers a send only once its recv is
 posted, so with one core per stage this copy is work that cannot overlap compute).
 
-Ops are posted in the same order on both sides, which NCCL requires (it ignores tags).
+Headers may travel on their own gloo group in host memory (`header_group`, SID's
+`pipeline.host_headers`): over NCCL a header lands in GPU memory, and reading its shape would
+wait for everything the stage queued before it (the previous message's backward and step),
+so the host could never queue ahead of the GPU. With host headers the only waits are on the
+stream. Ops are posted in the same order on both sides, which NCCL requires (it ignores tags).
 """
 
 from __future__ import annotations
@@ -96,12 +100,15 @@ class Transport:
         staged: bool,
         reuse_buffers: bool = True,
         tracer: Tracer | None = None,
+        header_group: dist.ProcessGroup | None = None,
     ):
         self.rank, self.world = rank, world
         self.device = device
         # gloo moves CPU tensors only: CUDA compute over gloo stages through pinned host memory.
         self.staged = staged
         self.comm_device = torch.device("cpu") if (staged or device.type == "cpu") else device
+        self.header_group = header_group  # None: headers share the payload's group
+        self.header_device = torch.device("cpu") if header_group is not None else self.comm_device
         self.queue_depth = queue_depth
         self.stats = TransportStats()
         self.tracer = tracer
@@ -115,17 +122,26 @@ class Transport:
         self._buffers: dict[tuple, Tensor] = {}
 
     # ---- sending -------------------------------------------------------------------
-    def _isend(self, t: Tensor, dst: int, pending: _Pending) -> None:
-        if self.staged and t.device.type == "cuda":
-            host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
-            host.copy_(t, non_blocking=True)
-            torch.cuda.current_stream(
-                t.device
-            ).synchronize()  # the copy must land before gloo reads
-            t = host
+    def _stage_out(self, tensors: list[Tensor]) -> list[Tensor]:
+        """Staged transport: CUDA tensors go through pinned host memory, one wait per message."""
+        if not self.staged or not any(t.device.type == "cuda" for t in tensors):
+            return tensors
+        out = []
+        for t in tensors:
+            if t.device.type == "cuda":
+                host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+                host.copy_(t, non_blocking=True)
+                t = host
+            out.append(t)
+        torch.cuda.current_stream(self.device).synchronize()  # the copies land before gloo reads
+        return out
+
+    def _isend(
+        self, t: Tensor, dst: int, pending: _Pending, group: dist.ProcessGroup | None = None
+    ) -> None:
         t = t.contiguous()
         pending.keep.append(t)
-        pending.works.append(dist.isend(t, dst))
+        pending.works.append(dist.isend(t, dst, group=group))
         nbytes = t.numel() * t.element_size()
         if dst > self.rank:
             self.stats.bytes_forward += nbytes
@@ -140,8 +156,8 @@ class Transport:
             self._wait_oldest()
             self.stats.send_wait_s += time.perf_counter() - t0
         pending = _Pending(works=[])
-        self._isend(_encode(msg).to(self.comm_device), dst, pending)
-        for t in msg.tensors():
+        self._isend(_encode(msg).to(self.header_device), dst, pending, self.header_group)
+        for t in self._stage_out(msg.tensors()):
             self._isend(t, dst, pending)
         self._outstanding.append(pending)
         self.stats.messages_sent += 1
@@ -158,8 +174,8 @@ class Transport:
 
     # ---- receiving -----------------------------------------------------------------
     def _post_header(self, src: int) -> None:
-        buf = torch.empty(HEADER_LEN, dtype=torch.int64, device=self.comm_device)
-        self._next_header = (buf, dist.irecv(buf, src))
+        buf = torch.empty(HEADER_LEN, dtype=torch.int64, device=self.header_device)
+        self._next_header = (buf, dist.irecv(buf, src, group=self.header_group))
 
     def _buffer(self, shape: list[int], dtype: torch.dtype, role: str = "") -> Tensor:
         key = (role, tuple(shape), dtype)
@@ -180,7 +196,7 @@ class Transport:
         buf, work = self._next_header
         t0 = time.perf_counter()
         work.wait()
-        hdr = buf.cpu().tolist()
+        hdr = buf.tolist()  # a GPU header (NCCL, no host_headers) waits for the stream here
         t1 = time.perf_counter()
         kind = Kind(hdr[0])
         h = p = y = None

@@ -38,6 +38,7 @@ def reference(tmp_path_factory):
         ("3 stages", ["pipeline.stages=3"]),
         ("virtual stages: 1+3 modules", ["pipeline.stages=2", "pipeline.partition=[1]"]),
         ("fresh receive buffers", ["pipeline.stages=2", "pipeline.reuse_buffers=false"]),
+        ("headers on their own group", ["pipeline.stages=3", "pipeline.host_headers=true"]),
     ],
 )
 def test_pipeline_equals_sequential(name, overrides, reference, tmp_path):

@@ -158,7 +158,6 @@ class PipelineConfig:
     reuse_buffers: bool = True  # SID: receive h and p into the same buffers every message
     threads: int = 1  # torch threads per stage process
     cpu_affinity: bool = False  # pin stage r to cores [r*threads, (r+1)*threads): one "device" each
-    retain_heap: bool = True  # glibc keeps freed memory for the next message (no re-faulting)
     cuda_graphs: bool = False  # SID: replay each stage step as CUDA graphs (static shapes)
     # SID: message headers on their own gloo group in host memory, so reading one never waits
     # for the GPU; None = exactly when the payloads go over NCCL

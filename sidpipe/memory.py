@@ -45,29 +45,6 @@ def _libc_mallinfo2() -> Any:
 
 _MALLINFO2 = _libc_mallinfo2()
 
-# mallopt parameters (glibc malloc.h); 32 MiB is glibc's ceiling for the mmap threshold
-_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD, _MMAP_THRESHOLD_MAX = -1, -3, 32 << 20
-
-
-def retain_heap() -> bool:
-    """Keep freed CPU memory in this process for the next message (`pipeline.retain_heap`).
-
-    A training step frees megabytes of activations and gradients that the next step asks for
-    again. By default glibc hands them back to the kernel (large blocks are mmapped and
-    unmapped; a heap top above the trim threshold is trimmed), so every step re-faults and
-    re-zeroes them: ~3,900 page faults per message on a bench_mlp stage, 22% of its step
-    time (benchmarks/results/retain_heap-2026-11-27.md). Blocks up to 32 MiB then come from
-    the heap and stay. Returns False where malloc is not glibc's (nothing changes).
-    """
-    try:
-        mallopt = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").mallopt
-    except (OSError, AttributeError):
-        return False
-    mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
-    ok = mallopt(_M_MMAP_THRESHOLD, _MMAP_THRESHOLD_MAX)
-    # the largest int: never trim (resident memory stays at the step's peak, which recurs)
-    return bool(ok and mallopt(_M_TRIM_THRESHOLD, 2**31 - 1))
-
 
 class MemoryProbe:
     def __init__(self, device: torch.device):

@@ -18,7 +18,6 @@ import torch
 
 from sidpipe.config import Config
 from sidpipe.data import Batches, DataBundle
-from sidpipe.memory import retain_heap
 from sidpipe.metrics import timed_call
 from sidpipe.models import BlockNet
 from sidpipe.models.heads import uniform_prior
@@ -97,8 +96,6 @@ def auto_partition(
 ) -> dict[str, Any]:
     """Measure, balance, print; returns {cuts, block_step_ms, predicted_stage_ms}."""
     torch.set_num_threads(cfg.pipeline.threads)
-    if cfg.pipeline.retain_heap:  # profile under the allocator regime the stages will run in
-        retain_heap()
     costs = profile_blocks(cfg, data, net, device)
     cuts, predicted = best_cuts(costs, cfg.pipeline.stages, cfg.pipeline.auto_bandwidth_gbs * 1e9)
     ms = ", ".join(f"{c.seconds * 1e3:.2f}" for c in costs)

@@ -17,7 +17,6 @@ import torch
 import torch.distributed as dist
 
 from sidpipe.config import Config, Transport
-from sidpipe.memory import retain_heap
 from sidpipe.trainer import TrainingError, select_device
 
 ERROR_KEY = "sidpipe/error"
@@ -84,8 +83,7 @@ def check_cores(cfg: Config, local_stages: int) -> None:
 
 
 def set_threads(cfg: Config, local_rank: int) -> set[int] | None:
-    """Threads per stage, optionally one disjoint set of cores per stage process, and the
-    allocator kept from returning each message's memory to the kernel (pipeline.retain_heap).
+    """Threads per stage, and optionally one disjoint set of cores per stage process.
 
     Returns the previous CPU affinity when it changed it: a process that goes on to spawn
     pipeline stages (the bench's sequential reference) must restore it, since children
@@ -93,8 +91,6 @@ def set_threads(cfg: Config, local_rank: int) -> set[int] | None:
     """
     n = cfg.pipeline.threads
     previous = None
-    if cfg.pipeline.retain_heap:
-        retain_heap()
     if cfg.pipeline.cpu_affinity and hasattr(os, "sched_setaffinity"):
         previous = os.sched_getaffinity(0)
         cores = sorted(previous)

@@ -65,3 +65,26 @@ def test_auto_partition_run_equals_manual_run_with_same_cuts(tmp_path):
 def test_bad_partition_value(tmp_path):
     r = run_cli([*TINY, "pipeline.stages=2", "pipeline.partition=balanced"], tmp_path, timeout=60)
     assert r.returncode != 0 and "must be a list of cut points or auto" in r.stderr
+
+
+@pytest.mark.parametrize("model", ["mlp", "simplecnn", "vgg11", "resnet18", "vit_tiny"])
+def test_auto_partition_profiles_every_model(model):
+    """Each model's blocks are timed on this device and cut into 3 non-empty stages."""
+    from sidpipe.config import Config, DataConfig, ModelConfig, PipelineConfig, TrainConfig
+    from sidpipe.data import load_data
+    from sidpipe.pipeline.balance import auto_partition
+    from sidpipe.trainer import build_net
+
+    cfg = Config(
+        model=ModelConfig(name=model),
+        data=DataConfig(name="synthetic"),
+        train=TrainConfig(batch_size=4),
+        pipeline=PipelineConfig(stages=3, partition="auto"),
+    )
+    data = load_data(cfg.data, cfg.seed)
+    net = build_net(cfg, data)
+    plan = auto_partition(cfg, data, net, torch.device("cpu"))
+    n = net.n_blocks
+    assert len(plan["block_step_ms"]) == n and all(t > 0 for t in plan["block_step_ms"])
+    assert len(plan["cuts"]) == 2 and 0 < plan["cuts"][0] < plan["cuts"][1] < n
+    assert len(plan["predicted_stage_ms"]) == 3  # optimality: test_best_cuts_is_optimal

@@ -58,20 +58,19 @@ def _worker(rank: int, init: str, host_headers: bool, out: Path) -> None:
             for msg in sent:
                 transport.send(msg)
             transport.flush()
-        elif host_headers:
-            # The first header must arrive on the side group, not on the payloads' group.
-            hdr = torch.empty(HEADER_LEN, dtype=torch.int64)
-            dist.recv(hdr, 0, group=side)
-            assert hdr[0] == Kind.TRAIN and hdr[5:8].tolist() == [8, 3, 5], hdr
-            h, p, y = torch.empty(8, 3, 5), torch.empty(8, 4), torch.empty(8, dtype=torch.int64)
-            for t in (h, p, y):
-                dist.recv(t, 0)
-            assert _same(Message(Kind.TRAIN, 0, 0, h, p, y), sent[0])
-            for want in sent[1:]:
-                got = transport.recv()
-                assert _same(got, want), f"{want.kind.name} step {want.step} differs"
         else:
-            for want in sent:
+            rest = sent
+            if host_headers:
+                # The first header must arrive on the side group, not on the payloads' group.
+                hdr = torch.empty(HEADER_LEN, dtype=torch.int64)
+                dist.recv(hdr, 0, group=side)
+                assert hdr[0] == Kind.TRAIN and hdr[5:8].tolist() == [8, 3, 5], hdr
+                h, p, y = torch.empty(8, 3, 5), torch.empty(8, 4), torch.empty(8).long()
+                for t in (h, p, y):
+                    dist.recv(t, 0)
+                assert _same(Message(Kind.TRAIN, 0, 0, h, p, y), sent[0])
+                rest = sent[1:]
+            for want in rest:
                 got = transport.recv()
                 assert _same(got, want), f"{want.kind.name} step {want.step} differs"
         dist.barrier()

@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: train test lint fmt bench clean
+.PHONY: train test test-fast lint fmt bench clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -20,9 +20,15 @@ train: $(STAMP)
 
 lint: $(STAMP)
 	$(BIN)/ruff check sidpipe tests benchmarks
+	$(BIN)/lint-imports
 
+# Both tiers: the in-process one and the real multi-process one (pipelines, torchrun, CLI).
 test: $(STAMP) lint
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+
+# The in-process tier only: config checks, runner logic, codec, cadence (a few minutes).
+test-fast: $(STAMP)
+	$(BIN)/python -m pytest -q -m "not slow and not multiprocess" $(PYTEST_ARGS)
 
 clean:
 	rm -rf $(VENV) outputs multirun .pytest_cache .ruff_cache

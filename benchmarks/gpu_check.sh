@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The GPU checks of issue #8, as one prepared script for a lent single-GPU machine (about
+# The GPU checks of the CUDA path, as one prepared script for a lent single-GPU machine (about
 # 10-12 minutes on an H100/H200, each part bounded by a timeout). Run from the repository root:
 #
 #   OUT=/some/dir benchmarks/gpu_check.sh

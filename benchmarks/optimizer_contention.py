@@ -2,9 +2,10 @@
 
 A SID stage runs a full optimizer step per message; Adam streams parameters, gradients and
 both moments through memory (~28 bytes per parameter) and so is bandwidth-bound, unlike the
-stage's matmuls. Issue #8 lists "per-message optimizer updates contending for memory
-bandwidth" as a candidate for poor CPU scaling at S=4 on 16 cores. This runs N processes at
-once, each pinned to its own core(s) like pipeline stages with pipeline.cpu_affinity=true,
+stage's matmuls. The GPU/16-core investigation listed "per-message optimizer updates
+contending for memory bandwidth" as a candidate for poor CPU scaling at S=4 on 16 cores.
+This runs N processes at once, each pinned to its own core(s) like pipeline stages with
+pipeline.cpu_affinity=true,
 and times a fused Adam step over one bench_mlp stage's parameters (4 x 1024 x 1024) and, as
 a compute-bound control, the stage's 32-sample matmul.
 

@@ -1,4 +1,8 @@
-"""`sidpipe <command> [hydra overrides]`: train (default), bench, export, eval."""
+"""`sidpipe <command> [hydra overrides]`: train, bench, accuracy, export, eval.
+
+The commands are imported lazily, one per call: `sidpipe export` need not pay for hydra,
+matplotlib or the pipeline drivers.
+"""
 
 from __future__ import annotations
 
@@ -7,19 +11,27 @@ import sys
 USAGE = """usage: sidpipe <command> [overrides...]
 
 commands:
-  train   train a network (hydra overrides, e.g. model=simplecnn data=mnist pipeline.stages=2)
-  bench   SID vs GPipe vs 1F1B throughput / time to accuracy (bench.* overrides)
-  export  RUN_DIR|CHECKPOINT_DIR OUT.pt: one state_dict of the whole network
-  eval    MODEL.pt [key=value ...]: test accuracy of an exported model, per depth
-"""
+  train     train a network (hydra overrides, e.g. model=simplecnn data=mnist pipeline.stages=2)
+  bench     SID vs the BP pipeline schedules: throughput / time to accuracy / simulate
+  accuracy  the accuracy studies (study.name=reference|blockwise|noise|alpha|depth|all)
+  export    RUN_DIR|CHECKPOINT_DIR OUT.pt: one state_dict of the whole network
+  eval      MODEL.pt [key=value ...]: test accuracy of an exported model, per depth
+
+`sidpipe <command> --help` shows the command's own help."""
+
+COMMANDS = ("train", "bench", "accuracy", "export", "eval")
 
 
 def main(argv: list[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
-    command = argv.pop(0) if argv and not ("=" in argv[0] or argv[0].startswith("-")) else "train"
-    if command in ("-h", "--help", "help"):
+    if not argv or argv[0] in ("-h", "--help", "help"):
         print(USAGE)
-        return
+        sys.exit(0 if argv else 2)
+    command = argv.pop(0)
+    if command not in COMMANDS:
+        hint = " (overrides go after a command: sidpipe train key=value)" if "=" in command else ""
+        print(f"sidpipe: error: unknown command {command!r}{hint}\n{USAGE}", file=sys.stderr)
+        sys.exit(2)
     # hydra reads sys.argv itself: hand it the overrides only.
     sys.argv = [f"sidpipe {command}", *argv]
     if command == "train":
@@ -31,12 +43,13 @@ def main(argv: list[str] | None = None) -> None:
 
         export_main(command, argv)
     elif command == "bench":
-        from sidpipe.bench import main as bench_main
+        from sidpipe.bench.throughput import main as bench_main
 
         bench_main()
     else:
-        print(f"sidpipe: error: unknown command {command!r}\n{USAGE}", file=sys.stderr)
-        sys.exit(2)
+        from sidpipe.bench.accuracy import main as accuracy_main
+
+        sys.exit(accuracy_main(argv))
 
 
 if __name__ == "__main__":

@@ -10,13 +10,16 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from enum import Enum
+from pathlib import Path
 from typing import Any
 
 from hydra.core.config_store import ConfigStore
 
+from sidpipe.errors import ConfigError
 
-class ConfigError(ValueError):
-    """A bad setting, reported in one line that names the key."""
+# The allowed values of model.name and data.name (the zoo and the loaders check they match).
+MODEL_NAMES = ("mlp", "simplecnn", "vgg11", "resnet18", "vit_tiny", "custom")
+DATASET_NAMES = ("digits", "mnist", "fashion_mnist", "cifar10", "cifar100", "synthetic")
 
 
 def _check(ok: bool, message: str) -> None:
@@ -45,7 +48,7 @@ class Schedule(str, Enum):
 
 
 # OmegaConf parses an enum override by member *name*, and no Python name can be "1f1b":
-# register the value as a name too, so `pipeline.schedule=1f1b` (DESIGN §4) is accepted.
+# register the value as a name too, so `pipeline.schedule=1f1b` is accepted.
 Schedule._member_map_["1f1b"] = Schedule.onef1b
 
 
@@ -74,10 +77,12 @@ class ModelConfig:
     width: int = 256  # mlp hidden width
     depth: int = 4  # mlp layers
     head_hidden: int = 256  # belief-head hidden width; 0 = linear head
+    # model=custom: "pkg.module:function" (or "pkg.module.function"), called as
+    # function(in_shape=(C, H, W), num_classes=K, **kwargs) -> list of nn.Module layers
+    target: str | None = None
+    kwargs: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        from sidpipe.models import MODEL_NAMES
-
         _check(
             self.name in MODEL_NAMES,
             f"model.name={self.name!r} is unknown; choose one of {', '.join(MODEL_NAMES)}",
@@ -89,6 +94,12 @@ class ModelConfig:
         _check(self.width >= 1, f"model.width must be >= 1 (got {self.width})")
         _check(self.depth >= 1, f"model.depth must be >= 1 (got {self.depth})")
         _check(self.head_hidden >= 0, f"model.head_hidden must be >= 0 (got {self.head_hidden})")
+        _check(
+            (self.name == "custom") == (self.target is not None),
+            "model=custom needs model.target=pkg.module:function"
+            if self.name == "custom"
+            else f"model.target applies to model=custom only (model.name={self.name!r})",
+        )
 
 
 @dataclass
@@ -102,8 +113,6 @@ class DataConfig:
     subset: int | None = None  # keep the first N training samples (quick runs)
 
     def __post_init__(self) -> None:
-        from sidpipe.data import DATASET_NAMES
-
         _check(
             self.name in DATASET_NAMES,
             f"data.name={self.name!r} is unknown; choose one of {', '.join(DATASET_NAMES)}",
@@ -128,7 +137,7 @@ class SIDConfig:
     kl_direction: KLDirection = KLDirection.forward
     label_smoothing: float = 0.0
     modules: int = 5  # number of belief modules of the `shared` variant
-    accumulate_steps: int = 1  # messages per optimizer step (DESIGN §3)
+    accumulate_steps: int = 1  # messages per optimizer step (docs/design.md §1)
 
     def __post_init__(self) -> None:
         _check(0.0 <= self.alpha <= 1.0, f"sid.alpha must be in [0, 1] (got {self.alpha})")
@@ -326,6 +335,84 @@ class BenchConfig:
 
 
 @dataclass
+class StudyConfig:
+    """`sidpipe accuracy`: SID vs BP accuracy studies (sidpipe/bench/accuracy/). Every run of a
+    study is `sidpipe train` with the study's overrides; the other keys on the command line
+    (optim.lr=..., data.root=...) apply to every run. None = the study's own default."""
+
+    name: str = "all"  # reference | blockwise | noise | alpha | depth | all
+    seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
+    epochs: int | None = None  # None: reference 20, the others 10
+    batch_size: int = 256
+    datasets: list[str] | None = None  # None: blockwise [mnist, fashion_mnist], others [mnist]
+    models: list[str] = field(default_factory=lambda: ["mlp", "simplecnn", "vgg11", "resnet18"])
+    blocks: list[int] = field(default_factory=lambda: [2, 4, 8])
+    subset: int | None = None  # data.subset of every run: the first N training samples
+    val_fraction: float = 0.1
+    noise: list[float] = field(default_factory=lambda: [0.0, 0.2, 0.4])
+    alphas: list[float] = field(default_factory=lambda: [0.1, 0.3, 0.5, 0.7, 0.9])
+    kl: list[str] = field(default_factory=lambda: ["forward", "reverse"])
+    # noise/alpha: `shared` (the reference setting) or <model>-b<blocks> (blockwise);
+    # None: shared (tiny: mlp-b4 for alpha)
+    arch: list[str] | None = None
+    threads: int = 1  # torch threads per run
+    jobs: int = 1  # runs at a time, in worker processes
+    out: str | None = None  # default benchmarks/results/accuracy-<machine>-<date> (in the cwd)
+    plan: bool = False  # list the runs, train nothing
+    estimate: bool = False  # time estimate_steps batches of each kind of run, project hours
+    estimate_steps: int = 6
+    tiny: bool = False  # CI: digits, 1 epoch, seed 0, mlp, blocks [2, 4], few alphas/noise
+
+    def __post_init__(self) -> None:
+        studies = ("reference", "blockwise", "noise", "alpha", "depth", "all")
+        _check(
+            self.name in studies,
+            f"study.name={self.name!r} must be one of {', '.join(studies)}",
+        )
+        _check(len(self.seeds) >= 1, "study.seeds must list at least one seed")
+        _check(
+            self.epochs is None or self.epochs >= 1,
+            f"study.epochs must be >= 1 (got {self.epochs})",
+        )
+        for key in ("batch_size", "threads", "jobs", "estimate_steps"):
+            value = getattr(self, key)
+            _check(value >= 1, f"study.{key} must be >= 1 (got {value})")
+        _check(
+            self.subset is None or self.subset >= 1,
+            f"study.subset must be >= 1 (got {self.subset})",
+        )
+        _check(
+            0.0 <= self.val_fraction < 1.0,
+            f"study.val_fraction must be in [0, 1) (got {self.val_fraction})",
+        )
+        bad = [d for d in self.datasets or [] if d not in DATASET_NAMES]
+        _check(not bad, f"study.datasets has unknown {bad}; choose from {', '.join(DATASET_NAMES)}")
+        models = [m for m in MODEL_NAMES if m != "custom"]
+        bad = [m for m in self.models if m not in models]
+        _check(not bad, f"study.models has unknown {bad}; choose from {', '.join(models)}")
+        _check(
+            all(b >= 1 for b in self.blocks), f"study.blocks must be >= 1 (got {list(self.blocks)})"
+        )
+        _check(
+            all(0.0 <= r < 1.0 for r in self.noise),
+            f"study.noise rates must be in [0, 1) (got {list(self.noise)})",
+        )
+        _check(
+            all(0.0 <= a <= 1.0 for a in self.alphas),
+            f"study.alphas must be in [0, 1] (got {list(self.alphas)})",
+        )
+        bad = [k for k in self.kl if k not in ("forward", "reverse")]
+        _check(not bad, f"study.kl has unknown {bad}; choose from forward, reverse")
+        for arch in self.arch or []:
+            model, sep, blocks = arch.rpartition("-b")
+            blockwise = sep and model in models and blocks.isdigit() and int(blocks) >= 1
+            _check(
+                arch == "shared" or bool(blockwise),
+                f"study.arch={arch!r} must be shared or <model>-b<blocks>, e.g. simplecnn-b4",
+            )
+
+
+@dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -343,6 +430,7 @@ class Config:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     resume: str | None = None  # auto (newest good checkpoint of this run dir) | PATH
     bench: BenchConfig = field(default_factory=BenchConfig)  # used by `sidpipe bench` only
+    study: StudyConfig = field(default_factory=StudyConfig)  # used by sidpipe accuracy only
 
     def __post_init__(self) -> None:
         # Cross-field checks: things no single group can know.
@@ -397,8 +485,67 @@ def register_configs() -> None:
     cs.store(name="base_config", node=Config)
 
 
+def conf_dir() -> str:
+    """The directory of the hydra configs: `conf/` beside the package in a source checkout
+    (where people edit them), else the copy the wheel carries as `sidpipe/conf`. Absolute:
+    hydra resolves relative paths inside a package as module names."""
+    package = Path(__file__).resolve().parent
+    for candidate in (package.parent / "conf", package / "conf"):
+        if (candidate / "config.yaml").is_file():
+            return str(candidate)
+    raise ConfigError(f"sidpipe's configs are missing: no conf/config.yaml beside {package}")
+
+
+CONF_DIR = conf_dir()
+
+
+def to_config(dcfg: Any) -> Config:
+    """Instantiate the dataclasses so every __post_init__ check runs; one-line errors."""
+    from omegaconf import OmegaConf
+
+    try:
+        cfg = OmegaConf.to_object(dcfg)
+    except Exception as e:  # omegaconf wraps our ConfigError in its own exception types
+        cause: BaseException = e
+        while cause.__cause__ is not None or cause.__context__ is not None:
+            if isinstance(cause, ConfigError):
+                break
+            cause = cause.__cause__ or cause.__context__  # type: ignore[assignment]
+        raise ConfigError(str(cause).splitlines()[0]) from e
+    assert isinstance(cfg, Config)
+    return cfg
+
+
+def compose_config(overrides: list[str]) -> Config:
+    """The config `sidpipe train` would run with these overrides, checked (no hydra app)."""
+    from hydra import compose, initialize_config_dir
+
+    register_configs()
+    with initialize_config_dir(config_dir=CONF_DIR, version_base=None):
+        try:
+            dcfg = compose(config_name="config", overrides=list(overrides))
+        except Exception as e:  # hydra's own errors: unknown key, group option, bad syntax
+            raise ConfigError(_hydra_error_line(e)) from None
+    return to_config(dcfg)
+
+
+def _hydra_error_line(e: BaseException) -> str:
+    """hydra's error and its cause in one line: 'Could not override 'train.x': Key 'x' not in
+    'TrainConfig'', or the options of a missing group member."""
+    line = str(e).strip().splitlines()[0]
+    if e.__cause__ is not None:
+        line += ": " + str(e.__cause__).strip().splitlines()[0]
+    options = getattr(e, "options", None)
+    if options:
+        line += f" (choose one of {', '.join(options)})"
+    return line
+
+
 def to_dict(cfg: Config) -> dict[str, Any]:
     """Plain, JSON-friendly dict of a config (enums as their values)."""
     from omegaconf import OmegaConf
 
     return OmegaConf.to_container(OmegaConf.structured(cfg), enum_to_str=True)  # type: ignore[return-value]
+
+
+register_configs()  # importing the schema makes it known to hydra (compose, the apps, tests)

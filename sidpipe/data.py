@@ -5,7 +5,7 @@ no worker process: rank 0 of the pipeline owns a `Batches` and slices tensors di
 keeps the order of samples a pure function of (seed, epoch), which the pipeline-equivalence
 tests and mid-epoch resume both depend on.
 
-Sources, all offline-first (DESIGN.md §4-§5):
+Sources, all offline-first (the README's data section):
   digits         sklearn's bundled 8x8 digits (1,797 images), fixed stratified 80/20 split
                  (random_state=0 -> 1,437 train / 360 test). No files, no network.
   mnist          <root>/MNIST/raw/*-idx?-ubyte[.gz], read directly (nothing is written, so a
@@ -35,9 +35,11 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from sidpipe.config import DATASET_NAMES, Config
+from sidpipe.errors import DataConfigError, DataError
+
 log = logging.getLogger(__name__)
 
-DATASET_NAMES = ("digits", "mnist", "fashion_mnist", "cifar10", "cifar100", "synthetic")
 
 # Per-channel mean/std of the training pixels scaled to [0, 1]. The CIFAR stds are the true
 # per-pixel stds (0.247...), not the often-copied 0.2023/0.1994/0.2010 (std of image means).
@@ -61,14 +63,6 @@ _IDX_DIRS = {"mnist": "MNIST", "fashion_mnist": "FashionMNIST"}
 # validation split does not change the label noise, and shuffling does not change augmentation.
 _VAL, _NOISE, _SHUFFLE, _AUGMENT = 1, 2, 3, 4
 _PAD = 4  # random-crop padding in pixels (the standard CIFAR recipe)
-
-
-class DataError(RuntimeError):
-    """A dataset cannot be provided; the message is one user-facing line saying what to do."""
-
-
-class DataConfigError(DataError, ValueError):
-    """A data.* setting is invalid. Both a DataError and a ValueError, so either catch works."""
 
 
 @dataclass
@@ -99,7 +93,7 @@ class DataBundle:
 
 
 def resolve_root(root: str | os.PathLike[str] | None) -> Path:
-    """data.root if given, else $SIDPIPE_DATA, else ./data (DESIGN.md §4). Empty means unset."""
+    """data.root if given, else $SIDPIPE_DATA, else ./data. Empty means unset."""
     chosen = root or os.environ.get("SIDPIPE_DATA") or "data"
     return Path(chosen).expanduser().absolute()
 
@@ -480,3 +474,28 @@ class Batches:
         # Advanced indices around a slice put the indexed dims first: (B, H, W, C).
         out = padded[bi, :, rows[:, :, None], cols[:, None, :]]
         return out.permute(0, 3, 1, 2).contiguous()
+
+
+def train_batches(
+    cfg: Config, data: DataBundle, device: torch.device | None = None, drop_last: bool = False
+) -> Batches:
+    """device: keep the images there once (a GPU slices, augments and normalises its own
+    batches; no per-batch host work or copy). Same values as on the CPU."""
+    device = device if cfg.train.data_on_device else None
+    return Batches(
+        data.train, data, cfg.train.batch_size, shuffle=True, seed=cfg.seed,
+        augment=data.augment, drop_last=drop_last, device=device,
+    )  # fmt: skip
+
+
+
+def eval_splits(
+    cfg: Config, data: DataBundle, device: torch.device | None = None
+) -> dict[str, Batches]:
+    device = device if cfg.train.data_on_device else None
+    splits = {"test": data.test} | ({"val": data.val} if data.val is not None else {})
+    return {
+        name: Batches(split, data, cfg.train.eval_batch_size, False, cfg.seed, device=device)
+        for name, split in splits.items()
+    }
+

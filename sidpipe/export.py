@@ -16,9 +16,15 @@ from typing import Any
 import torch
 from omegaconf import OmegaConf
 
-from sidpipe import checkpoint
-from sidpipe.config import Config, ConfigError, Method
-from sidpipe.metrics import atomic_write_json, load_state
+from sidpipe.config import Config, Method
+from sidpipe.data import eval_splits, load_data
+from sidpipe.errors import ConfigError, DataError, fail
+from sidpipe.method.step import evaluate, make_method
+from sidpipe.models import BlockNet, build_net
+from sidpipe.models.partition import StageModule
+from sidpipe.runtime import checkpoint
+from sidpipe.runtime.device import select_device
+from sidpipe.runtime.io import atomic_write_json, load_state
 
 
 def config_from_dict(raw: dict[str, Any], overrides: list[str] | None = None) -> Config:
@@ -31,10 +37,6 @@ def config_from_dict(raw: dict[str, Any], overrides: list[str] | None = None) ->
 
 
 def _from_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    from sidpipe.data import load_data
-    from sidpipe.models import BlockNet
-    from sidpipe.models.partition import StageModule
-    from sidpipe.trainer import build_net
 
     meta = checkpoint.verify(path)
     cfg = config_from_dict(meta["config"])
@@ -66,8 +68,6 @@ def export_model(source: str | Path, out: str | Path) -> Path:
 
 def evaluate_model(model_path: str | Path, overrides: list[str]) -> dict[str, Any]:
     """Plain single-process inference of an exported model on the test split."""
-    from sidpipe.data import load_data
-    from sidpipe.trainer import build_net, eval_splits, evaluate, make_method, select_device
 
     model_path = Path(model_path)
     raw = json.loads(model_path.with_name(model_path.name + ".json").read_text())["config"]
@@ -83,8 +83,6 @@ def evaluate_model(model_path: str | Path, overrides: list[str]) -> dict[str, An
 
 
 def main(command: str, argv: list[str]) -> None:
-    from sidpipe.data import DataError
-    from sidpipe.train import fail
 
     try:
         if command == "export":

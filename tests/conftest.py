@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import multiprocessing.process
 import os
 import subprocess
 import sys
@@ -49,10 +50,12 @@ def run_cli(
     )
 
 
-def run_clean(cmd: list[str], home: Path, timeout: float = 180) -> subprocess.CompletedProcess:
+def run_clean(
+    cmd: list[str], home: Path, timeout: float = 180, cwd: Path = REPO
+) -> subprocess.CompletedProcess:
     """Run a command as a fresh shell would: minimal environment, 1 thread, bounded time."""
     env = {"OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin", "HOME": str(home)}
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env, cwd=REPO)
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env, cwd=cwd)
 
 
 def torchrun(nproc: int) -> list[str]:
@@ -72,6 +75,22 @@ def assert_run_stopped(r: subprocess.CompletedProcess, reason: str, run_dir: Pat
 
 def read_summary(run_dir: Path) -> dict:
     return json.loads((run_dir / "summary.json").read_text())
+
+
+@pytest.fixture(autouse=True)
+def _tiers(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The fast tier stays in-process: a test that starts a process must be marked
+    `multiprocess` (make test-fast leaves those out), or it fails here, at once."""
+    if request.node.get_closest_marker("multiprocess") or request.node.get_closest_marker("slow"):
+        return
+
+    def refuse(*args: object, **kwargs: object) -> None:
+        raise AssertionError(
+            f"{request.node.nodeid} starts a process: mark it @pytest.mark.multiprocess"
+        )
+
+    monkeypatch.setattr(subprocess.Popen, "__init__", refuse)
+    monkeypatch.setattr(multiprocessing.process.BaseProcess, "start", refuse)
 
 
 @pytest.fixture

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import subprocess
 import sys
 
 import pytest
@@ -12,9 +13,18 @@ from tests.conftest import REPO, run_clean
 pytestmark = pytest.mark.timeout(600)
 
 
+def git_status() -> str:
+    r = subprocess.run(["git", "status", "--porcelain", "--untracked-files=all"],
+                       capture_output=True, text=True, cwd=REPO, timeout=60)  # fmt: skip
+    return r.stdout
+
+
 @pytest.fixture(scope="module")
 def bench_result(tmp_path_factory):
+    """Run from a directory outside the checkout, with no bench.out_dir: the results go to
+    the bench's run directory (hydra.run.dir) and the source tree is left as it was."""
     out = tmp_path_factory.mktemp("bench")
+    before = git_status()
     cmd = [
         sys.executable,
         "-m",
@@ -32,14 +42,15 @@ def bench_result(tmp_path_factory):
         "bench.steps=8",
         "bench.warmup=2",
         "bench.windows=2",
-        f"bench.out_dir={out}",
-        f"hydra.run.dir={out}/hydra",
+        f"hydra.run.dir={out}",
     ]
-    r = run_clean(cmd, out, timeout=540)
+    r = run_clean(cmd, out, timeout=540, cwd=out)
     assert r.returncode == 0, r.stderr[-3000:]
+    assert git_status() == before, "sidpipe bench wrote into the source tree"
     return out, json.loads((out / "bench.json").read_text()), r.stdout
 
 
+@pytest.mark.multiprocess
 def test_outputs_exist(bench_result):
     out, result, stdout = bench_result
     for name in (
@@ -56,6 +67,7 @@ def test_outputs_exist(bench_result):
     assert "| SID pipeline | 2 | 2 |" in stdout
 
 
+@pytest.mark.multiprocess
 def test_numbers_consistent(bench_result):
     _, result, _ = bench_result
     rows = {r["scheme"]: r for r in result["rows"]}
@@ -91,6 +103,7 @@ def test_numbers_consistent(bench_result):
     assert sid["bytes_forward_per_sample"] > 0
 
 
+@pytest.mark.multiprocess
 def test_time_to_accuracy_mode(tmp_path):
     cmd = [
         sys.executable,
@@ -123,6 +136,7 @@ def test_time_to_accuracy_mode(tmp_path):
     assert "train s to val acc >= target" in (tmp_path / "bench.md").read_text()
 
 
+@pytest.mark.multiprocess
 def test_optimizer_contention_script(tmp_path):
     script = REPO / "benchmarks" / "optimizer_contention.py"
     cmd = [sys.executable, str(script), "--procs", "1", "--iters", "2"]
@@ -134,6 +148,7 @@ def test_optimizer_contention_script(tmp_path):
     assert r.returncode != 0 and "needs 999 cores" in r.stderr
 
 
+@pytest.mark.multiprocess
 def test_simulate_mode_is_labelled_and_consistent(tmp_path):
     cmd = [sys.executable, "-m", "sidpipe.cli", "bench", "mode=simulate", "data=digits",
            "model=mlp", "model.width=64", "bench.batch_size=64", "bench.microbatches=[2]",

@@ -7,8 +7,8 @@ import shutil
 import pytest
 import torch
 
-from sidpipe import checkpoint
-from sidpipe.metrics import load_state
+from sidpipe.runtime import checkpoint
+from sidpipe.runtime.io import load_state
 from tests.conftest import TINY, run_cli
 
 CKPT = ["train.epochs=2", "checkpoint.every_n_steps=10", "checkpoint.keep_last=3"]
@@ -62,6 +62,7 @@ def test_damaged_and_partial_checkpoints_are_never_loaded(tmp_path):
     assert checkpoint.latest_good(tmp_path) is None
 
 
+@pytest.mark.multiprocess
 @pytest.mark.parametrize(
     "method", [["method=sid"], ["method=bp", "pipeline.microbatches=4", "data.subset=1280"]]
 )
@@ -86,6 +87,7 @@ def test_pipeline_kill_and_resume_is_exact(method, tmp_path):
         assert torch.equal(want[k], got[k]), k
 
 
+@pytest.mark.multiprocess
 @pytest.mark.parametrize("method", ["sid", "bp"])
 def test_single_process_resume_is_exact(method, tmp_path):
     full, cut = tmp_path / "full", tmp_path / "cut"
@@ -99,6 +101,7 @@ def test_single_process_resume_is_exact(method, tmp_path):
         assert torch.equal(want[k], got[k]), k
 
 
+@pytest.mark.multiprocess
 def test_resume_on_another_layout_is_refused(tmp_path):
     r = run_cli([*TINY, *CKPT, "pipeline.stages=2", "train.max_steps=10"], tmp_path)
     assert r.returncode == 0, r.stderr[-2000:]

@@ -6,7 +6,6 @@ import pytest
 
 from sidpipe.config import (
     Config,
-    ConfigError,
     DataConfig,
     Method,
     ModelConfig,
@@ -15,7 +14,9 @@ from sidpipe.config import (
     SIDConfig,
     TrainConfig,
     Variant,
+    compose_config,
 )
+from sidpipe.errors import ConfigError
 from tests.conftest import run_cli
 
 
@@ -73,6 +74,23 @@ def test_validation_messages(build, message):
         (["train.batch_sise=4"], "Key 'batch_sise' not in 'TrainConfig'"),
         (["method=backprop"], "method"),
         (["pipeline.stages=0"], "pipeline.stages must be >= 1"),
+        (["model=custom"], "model=custom needs model.target"),
+    ],
+)
+def test_overrides_fail_in_one_line(overrides, message):
+    """In process: the overrides composed exactly as `sidpipe train` composes them."""
+    with pytest.raises(ConfigError) as err:
+        compose_config(overrides)
+    assert message in str(err.value)
+    assert "\n" not in str(err.value)
+
+
+@pytest.mark.multiprocess
+@pytest.mark.parametrize(
+    "overrides,message",
+    [
+        (["train.batch_sise=4"], "Key 'batch_sise' not in 'TrainConfig'"),
+        (["model.name=resnet99"], "model.name='resnet99' is unknown"),
         (
             ["data=mnist", "data.root=/nonexistent/sidpipe-data"],
             "/nonexistent/sidpipe-data/MNIST/raw",
@@ -80,6 +98,8 @@ def test_validation_messages(build, message):
     ],
 )
 def test_cli_bad_input_exits_nonzero_with_reason(overrides, message, tmp_path):
+    """The real CLI turns each kind of error (hydra's, the schema's, the data's) into one
+    line and a non-zero exit, without a traceback."""
     r = run_cli(["pipeline.stages=1", *overrides], tmp_path, timeout=60)
     assert r.returncode != 0
     assert message in r.stderr, r.stderr[-1500:]

@@ -1,4 +1,4 @@
-"""Tests for sidpipe.data against the real offline datasets (DESIGN.md §5).
+"""Tests for sidpipe.data against the real offline datasets .
 
 The data root is $SIDPIPE_DATA, else the `shared/data` folder beside the repository checkout.
 It is read-only in CI and nothing is ever copied out of it; MNIST / Fashion-MNIST / CIFAR tests
@@ -17,15 +17,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from sidpipe.data import (
-    DATASET_NAMES,
-    Batches,
-    DataBundle,
-    DataError,
-    Split,
-    load_data,
-    resolve_root,
-)
+from sidpipe.config import DATASET_NAMES
+from sidpipe.data import Batches, DataBundle, Split, load_data, resolve_root
+from sidpipe.errors import DataError
 
 DATA = Path(
     os.environ.get("SIDPIPE_DATA") or Path(__file__).resolve().parents[2] / "shared" / "data"

@@ -134,6 +134,7 @@ def find_hadolint() -> str | None:
     return None
 
 
+@pytest.mark.multiprocess
 def test_hadolint():
     hadolint = find_hadolint()
     if hadolint is None:

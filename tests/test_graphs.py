@@ -12,8 +12,8 @@ from hydra import compose, initialize_config_dir
 from torch import nn
 
 from sidpipe.config import (
+    CONF_DIR,
     Config,
-    ConfigError,
     Device,
     Method,
     OptimConfig,
@@ -21,15 +21,16 @@ from sidpipe.config import (
     Precision,
     SIDConfig,
     Variant,
+    to_config,
 )
-from sidpipe.graphs import WARMUP
-from sidpipe.metrics import load_state
+from sidpipe.errors import ConfigError
+from sidpipe.method.graphs import WARMUP
+from sidpipe.method.stage import SIDStage, build_optimizer
 from sidpipe.models import build_model
 from sidpipe.models.heads import uniform_prior
 from sidpipe.models.partition import StageModule
-from sidpipe.stage import SIDStage, build_optimizer
-from sidpipe.train import CONF_DIR, to_config
-from sidpipe.trainer import restore_schedulers, sched_state
+from sidpipe.runtime.cadence import RunState
+from sidpipe.runtime.io import load_state
 from tests.conftest import REPO, TINY, read_summary, run_cli
 
 GRAPHS = PipelineConfig(cuda_graphs=True)
@@ -84,6 +85,7 @@ def test_gpu_check_script_overrides_compose():
     assert cpu_mlp.model.depth == 16 and cpu_r18.pipeline.partition == "auto"
 
 
+@pytest.mark.multiprocess
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU message")
 @pytest.mark.parametrize("stages", [1, 2])
 def test_cli_without_gpu_names_the_problem(stages, tmp_path):
@@ -130,10 +132,10 @@ def test_graph_safe_schedule_survives_a_checkpoint():
     for _ in range(4):
         opt.step()
         sched.step()
-    saved = json.loads(json.dumps(sched_state(sched)))
+    saved = json.loads(json.dumps(RunState().to_json([sched])))
     opt2, sched2 = build_optimizer(net.parameters(), cfg, 10, lr_device=torch.device("cpu"))
     lr = opt2.param_groups[0]["lr"]
-    restore_schedulers([sched2], [saved])
+    RunState.from_json(saved, [sched2])
     for _ in range(2):
         sched.step()
         sched2.step()
@@ -178,6 +180,7 @@ def test_graphs_and_eager_agree(precision):
         assert torch.allclose(a, b, **tol)
 
 
+@pytest.mark.multiprocess
 @cuda
 def test_pipeline_with_graphs_equals_sequential(tmp_path):
     """S=2 on one GPU (both ranks share it; staged transport) against the sequential trainer."""

@@ -52,12 +52,14 @@ def hydra_args(cmd: list[str]) -> list[str]:
     return cmd[i + 2 :]
 
 
+@pytest.mark.multiprocess
 @pytest.mark.parametrize("path", CHECKED, ids=lambda p: p.name)
 def test_bash_syntax(path):
     proc = subprocess.run(["bash", "-n", str(path)], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
 
 
+@pytest.mark.multiprocess
 @pytest.mark.parametrize("path", CHECKED, ids=lambda p: p.name)
 def test_shellcheck(path):
     shellcheck = shutil.which("shellcheck")
@@ -72,6 +74,7 @@ def test_executable(path):
     assert os.access(path, os.X_OK)
 
 
+@pytest.mark.multiprocess
 def test_single_node_dry_run():
     cmd = dry_run("torchrun_single_node.sh", {"NPROC": "3", "RUN_DIR": "runs/a"}, *OVERRIDES)
     assert cmd[0] == "torchrun" and "--standalone" in cmd
@@ -79,6 +82,7 @@ def test_single_node_dry_run():
     assert hydra_args(cmd) == ["pipeline.stages=3", "hydra.run.dir=runs/a", *OVERRIDES]
 
 
+@pytest.mark.multiprocess
 def test_single_node_defaults_compute_one_run_dir():
     cmd = dry_run("torchrun_single_node.sh", {"TORCHRUN": "/venv/bin/torchrun"})
     assert cmd[0] == "/venv/bin/torchrun"
@@ -89,11 +93,13 @@ def test_single_node_defaults_compute_one_run_dir():
     assert args[1].startswith("hydra.run.dir=outputs/torchrun-") and "$" not in args[1]
 
 
+@pytest.mark.multiprocess
 def test_override_with_spaces_stays_one_argument():
     cmd = dry_run("torchrun_single_node.sh", {"NPROC": "1"}, "data.root='/my data'")
     assert hydra_args(cmd)[-1] == "data.root='/my data'"
 
 
+@pytest.mark.multiprocess
 @pytest.mark.parametrize(
     "env, args, message",
     [
@@ -116,6 +122,7 @@ MULTI = {
 }
 
 
+@pytest.mark.multiprocess
 def test_multi_node_dry_run():
     cmd = dry_run("torchrun_multi_node.sh", {**MULTI, "RDZV_ID": "job7"}, *OVERRIDES)
     assert cmd[0] == "torchrun" and "--standalone" not in cmd and "--node-rank" not in cmd
@@ -127,11 +134,13 @@ def test_multi_node_dry_run():
     assert hydra_args(cmd) == ["pipeline.stages=8", "hydra.run.dir=/shared/r1", *OVERRIDES]
 
 
+@pytest.mark.multiprocess
 def test_multi_node_node_rank_is_passed():
     cmd = dry_run("torchrun_multi_node.sh", {**MULTI, "NODE_RANK": "1"})
     assert opt(cmd, "--node-rank") == "1"
 
 
+@pytest.mark.multiprocess
 @pytest.mark.parametrize(
     "missing, message",
     [("NNODES", "NNODES"), ("RDZV_ENDPOINT", "RDZV_ENDPOINT"), ("RUN_DIR", "shared")],
@@ -166,6 +175,7 @@ SLURM = {
 }
 
 
+@pytest.mark.multiprocess
 def test_slurm_dry_run(fake_scontrol):
     cmd = dry_run("slurm.sbatch", {**SLURM, "PATH": fake_scontrol}, *OVERRIDES)
     assert cmd[0] == "srun"
@@ -184,6 +194,7 @@ def test_slurm_dry_run(fake_scontrol):
     ]
 
 
+@pytest.mark.multiprocess
 def test_slurm_overrides_from_env(fake_scontrol):
     env = {
         **SLURM,
@@ -212,6 +223,7 @@ def test_slurm_sbatch_header():
     assert last_directive < first_cmd
 
 
+@pytest.mark.multiprocess
 def test_slurm_outside_a_job_fails_clearly():
     proc = run_script("slurm.sbatch", {"DRY_RUN": "1"})
     assert proc.returncode == 2 and "sbatch" in proc.stderr

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from sidpipe.config import Config, LoggerConfig, WandbConfig, to_dict
-from sidpipe.logger import LoggerError, RunLogger, flatten, make_logger, scalars
+from sidpipe.runtime.logger import LoggerError, RunLogger, flatten, make_logger, scalars
 
 TRAIN = {"kind": "train", "step": 20, "epoch": 0, "loss": [0.9, 0.7, 0.5]}
 EVAL = {"kind": "eval", "step": 20, "epoch": 0, "test_per_depth": [0.5, 0.6, 0.7, 0.8]}
@@ -139,6 +139,7 @@ def test_wandb_disabled_is_console_only(tmp_path, wandb_env):
     assert not (tmp_path / "wandb").exists()
 
 
+@pytest.mark.multiprocess  # wandb starts its service process
 def test_wandb_offline_run_records_metrics_config_and_summary(tmp_path, wandb_env):
     run_dir = tmp_path / "run"
     cfg = Config()
@@ -198,6 +199,7 @@ def test_wandb_offline_run_records_metrics_config_and_summary(tmp_path, wandb_en
     assert by_type["exit"][0].exit.exit_code == 0
 
 
+@pytest.mark.multiprocess  # wandb starts its service process
 def test_wandb_failed_run_is_marked(tmp_path, wandb_env):
     with pytest.raises(ZeroDivisionError):
         with make_logger(tmp_path, {}, wandb_cfg()) as rl:
@@ -239,6 +241,7 @@ class _Duck:  # any object with .name / .wandb works, e.g. an OmegaConf node
     wandb: WandbConfig = field(default_factory=lambda: WandbConfig(mode="offline"))
 
 
+@pytest.mark.multiprocess  # wandb starts its service process
 def test_logger_config_from_omegaconf(tmp_path, wandb_env):
     from omegaconf import OmegaConf
 

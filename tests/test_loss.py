@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from sidpipe.loss import sid_loss, smoothed_onehot
+from sidpipe.method.loss import sid_loss, smoothed_onehot
 from sidpipe.models.heads import uniform_prior
 
 

@@ -7,14 +7,14 @@ import sys
 
 import pytest
 
-from sidpipe.memory import _MALLINFO2
+from sidpipe.runtime.memory import _MALLINFO2
 
 pytestmark = pytest.mark.skipif(_MALLINFO2 is None, reason="needs glibc mallinfo2")
 
 # A fresh interpreter: the probe's baseline, then the first optimizer and 16 MiB of parameters.
 SCRIPT = """
 import torch
-from sidpipe.memory import MemoryProbe
+from sidpipe.runtime.memory import MemoryProbe
 probe = MemoryProbe(torch.device("cpu"))
 w = torch.nn.Parameter(torch.zeros(4 * 2**20))  # 16 MiB
 opt = torch.optim.Adam([w], lr=1e-3)
@@ -24,6 +24,7 @@ print((probe.current() - probe.baseline) / 2**20)
 """
 
 
+@pytest.mark.multiprocess
 def test_probe_counts_parameters_grads_and_state_only():
     r = subprocess.run([sys.executable, "-c", SCRIPT], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr

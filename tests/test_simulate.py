@@ -4,7 +4,14 @@ from __future__ import annotations
 
 import pytest
 
-from sidpipe.simulate import StageTimes, _run_ops, gpipe_order, onef1b_order, simulate, simulate_sid
+from sidpipe.bench.simulate import (
+    StageTimes,
+    _run_ops,
+    gpipe_order,
+    onef1b_order,
+    simulate,
+    simulate_sid,
+)
 
 
 @pytest.mark.parametrize("stages,m", [(2, 4), (4, 4), (4, 8), (3, 5)])

@@ -6,10 +6,10 @@ import pytest
 import torch
 
 from sidpipe.config import Config, ModelConfig, OptimConfig
+from sidpipe.method.stage import SIDStage
 from sidpipe.models import build_model
 from sidpipe.models.heads import uniform_prior
 from sidpipe.models.partition import StageModule
-from sidpipe.stage import SIDStage
 
 
 @pytest.mark.parametrize("name", ["adam", "adamw", "sgd"])

@@ -11,6 +11,7 @@ import pytest
 from tests.conftest import REPO, TINY, read_summary, run_cli
 
 
+@pytest.mark.multiprocess
 @pytest.mark.parametrize(
     "overrides",
     [
@@ -26,6 +27,7 @@ def test_bf16_trains_and_says_so(overrides, tmp_path):
     assert s["test_accuracy"] > 0.5  # chance is 0.1
 
 
+@pytest.mark.multiprocess
 def test_multirun_writes_one_summary_per_job(tmp_path):
     cmd = [
         sys.executable,
@@ -47,6 +49,7 @@ def test_multirun_writes_one_summary_per_job(tmp_path):
     assert alphas == [0.3, 0.7]
 
 
+@pytest.mark.multiprocess
 def test_wandb_offline_from_a_pipeline_run(tmp_path):
     r = run_cli(
         [*TINY, "pipeline.stages=2", "train.epochs=2", "train.log_every=5", "logger=wandb"],
@@ -62,6 +65,7 @@ def test_wandb_offline_from_a_pipeline_run(tmp_path):
         assert key in blob, key
 
 
+@pytest.mark.multiprocess
 def test_export_load_eval_reproduces_pipeline_accuracy(tmp_path):
     run = tmp_path / "run"
     r = run_cli([*TINY, "pipeline.stages=2", "train.epochs=2", "checkpoint.every_n_steps=46"], run)

@@ -12,9 +12,9 @@ import torch.nn.functional as F
 
 from sidpipe.config import Config, DataConfig, ModelConfig, SIDConfig, Variant
 from sidpipe.data import load_data
+from sidpipe.method.step import BlockwiseSID, SharedSID
 from sidpipe.models import build_model
 from sidpipe.models.shared import SharedSIDNet
-from sidpipe.trainer import BlockwiseSID, SharedSID
 from tests.conftest import read_summary, run_cli
 
 
@@ -133,6 +133,7 @@ def test_shared_step_equals_reference_restatement(alpha, float64):
     assert not torch.equal(ours.sid_modules[0][0].weight, init.sid_modules[0][0].weight)
 
 
+@pytest.mark.multiprocess
 @pytest.mark.parametrize(
     "name,overrides",
     [
@@ -174,6 +175,7 @@ def test_digits_smoke_reaches_093(name, overrides, tmp_path):
     assert "test accuracy" in r.stdout
 
 
+@pytest.mark.multiprocess
 def test_validation_split_selects_epoch(tmp_path):
     r = run_cli(
         ["pipeline.stages=1", "progress=false", "train.epochs=3", "data.val_fraction=0.2"],
@@ -186,6 +188,7 @@ def test_validation_split_selects_epoch(tmp_path):
     assert s["best_epoch_test_accuracy"] >= s["val_selected_test_accuracy"]
 
 
+@pytest.mark.multiprocess
 def test_label_noise_rate_in_summary(tmp_path):
     data = load_data(DataConfig(name="digits", label_noise=0.2), 0)
     r = run_cli(

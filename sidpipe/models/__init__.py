@@ -13,15 +13,17 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from sidpipe.config import MODEL_NAMES, Config, Variant
+from sidpipe.data import DataBundle
+from sidpipe.errors import ConfigError
 from sidpipe.models.cnn import simplecnn_layers, vgg11_layers
+from sidpipe.models.custom import custom_layers
 from sidpipe.models.heads import BeliefHead, belief_chain, uniform_prior
 from sidpipe.models.mlp import mlp_layers
 from sidpipe.models.partition import StageModule, even_sizes, partition_blocks, stage_modules
 from sidpipe.models.resnet import resnet18_layers
 from sidpipe.models.shared import SharedSIDNet
 from sidpipe.models.vit import vit_tiny_layers
-
-MODEL_NAMES = ("mlp", "simplecnn", "vgg11", "resnet18", "vit_tiny")
 
 __all__ = [
     "MODEL_NAMES",
@@ -117,25 +119,28 @@ def _float(x: Tensor) -> torch.dtype:
     return x.dtype if x.is_floating_point() else torch.get_default_dtype()
 
 
-_BUILDERS: dict[str, Callable[[Any, tuple[int, ...]], list[nn.Module]]] = {
-    "mlp": lambda cfg, s: mlp_layers(s, width=int(cfg.width), depth=int(cfg.depth)),
-    "simplecnn": lambda cfg, s: simplecnn_layers(s),
-    "vgg11": lambda cfg, s: vgg11_layers(s),
-    "resnet18": lambda cfg, s: resnet18_layers(s),
-    "vit_tiny": lambda cfg, s: vit_tiny_layers(s),
+_BUILDERS: dict[str, Callable[[Any, tuple[int, ...], int], list[nn.Module]]] = {
+    "mlp": lambda cfg, s, k: mlp_layers(s, width=int(cfg.width), depth=int(cfg.depth)),
+    "simplecnn": lambda cfg, s, k: simplecnn_layers(s),
+    "vgg11": lambda cfg, s, k: vgg11_layers(s),
+    "resnet18": lambda cfg, s, k: resnet18_layers(s),
+    "vit_tiny": lambda cfg, s, k: vit_tiny_layers(s),
+    "custom": lambda cfg, s, k: custom_layers(cfg.target, s, k, dict(cfg.kwargs or {})),
 }
 assert tuple(_BUILDERS) == MODEL_NAMES
 
 
 def _check_name(name: str) -> None:
     if name not in _BUILDERS:
-        raise ValueError(f"model.name={name!r} is unknown; choose one of {', '.join(MODEL_NAMES)}")
+        raise ConfigError(
+            f"model.name={name!r} is unknown; choose one of {', '.join(MODEL_NAMES)}"
+        )
 
 
-def natural_layers(cfg: Any, in_shape: tuple[int, ...]) -> list[nn.Module]:
+def natural_layers(cfg: Any, in_shape: tuple[int, ...], num_classes: int = 10) -> list[nn.Module]:
     """The model's natural layers (before grouping into blocks)."""
     _check_name(cfg.name)
-    return _BUILDERS[cfg.name](cfg, tuple(int(s) for s in in_shape))
+    return _BUILDERS[cfg.name](cfg, tuple(int(s) for s in in_shape), num_classes)
 
 
 def build_model(cfg: Any, in_shape: tuple[int, ...], num_classes: int) -> BlockNet:
@@ -144,7 +149,7 @@ def build_model(cfg: Any, in_shape: tuple[int, ...], num_classes: int) -> BlockN
     cfg needs `name`, `blocks`, `width`, `depth`, `head_hidden` (width/depth only shape the
     mlp; the conv nets and the ViT have fixed architectures).
     """
-    layers = natural_layers(cfg, in_shape)
+    layers = natural_layers(cfg, in_shape, num_classes)
     return BlockNet(
         layers,
         in_shape,
@@ -153,3 +158,12 @@ def build_model(cfg: Any, in_shape: tuple[int, ...], num_classes: int) -> BlockN
         head_hidden=int(cfg.head_hidden),
         name=cfg.name,
     )
+
+
+def build_net(cfg: Config, data: DataBundle) -> nn.Module:
+    """The same seed gives the same initial parameters on every rank and in the reference."""
+    torch.manual_seed(cfg.seed)
+    if cfg.sid.variant is Variant.shared:
+        return SharedSIDNet(data.in_shape, data.num_classes, n_modules=cfg.sid.modules)
+    return build_model(cfg.model, data.in_shape, data.num_classes)
+

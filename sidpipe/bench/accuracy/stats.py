@@ -1,0 +1,349 @@
+"""Numbers of a study from its rows: mean ± std over seeds, paired per-seed differences, the
+verdict (above / level with / below, against the seed spread), and each study's table body
+and one-line findings. Pure functions of the rows: no files, no plots."""
+
+from __future__ import annotations
+
+import statistics
+from collections import defaultdict
+from collections.abc import Iterable
+from typing import Any
+
+from sidpipe.bench.accuracy.plan import STUDIES
+
+Row = dict[str, Any]
+# x values and, per x, the per-seed values: one line of a plot (mean, std error bar)
+Series = tuple[list[float], list[list[float]]]
+AlphaSeries = tuple[dict[str, Series], list[float]]  # SID lines per KL direction, BP's values
+
+PAPER_REFERENCE = {"bp": 0.9906, "sid": 0.9931}  # best-epoch test accuracy, authors' run log
+TOL = 0.001  # accuracy differences below 0.1 point count as "matches" (or the seed spread)
+METRICS = (
+    ("last", "test_accuracy", "last epoch"),
+    ("best", "best_epoch_test_accuracy", "best epoch (test-selected)"),
+    ("val", "val_selected_test_accuracy", "val-selected"),
+)
+
+
+def ok_rows(rows: Iterable[Row]) -> list[Row]:
+    ok = ("ran", "reused")
+    return [r for r in rows if r.get("status") in ok and r.get("test_accuracy") is not None]
+
+
+def values(rows: Iterable[Row], key: str) -> list[float]:
+    return [float(r[key]) for r in rows if r.get(key) is not None]
+
+
+def mean_std(xs: list[float]) -> tuple[float, float] | None:
+    if not xs:
+        return None
+    return statistics.fmean(xs), (statistics.stdev(xs) if len(xs) > 1 else 0.0)
+
+
+def pct(xs: list[float], signed: bool = False) -> str:
+    """Accuracies (fractions) as 'mean ± std' in percent points; '–' when there are none."""
+    ms = mean_std(xs)
+    if ms is None:
+        return "–"
+    m, s = 100 * ms[0], 100 * ms[1]
+    body = f"{m:+.2f}" if signed else f"{m:.2f}"
+    return body + (f" ± {s:.2f}" if len(xs) > 1 else "")
+
+
+def secs(xs: list[float]) -> str:
+    ms = mean_std(xs)
+    return "–" if ms is None else f"{ms[0]:.1f}"
+
+
+def paired(a: list[Row], b: list[Row], key: str) -> list[float]:
+    """Per-seed differences a - b on `key` (seeds present in both)."""
+    bs = {r["seed"]: r[key] for r in b if r.get(key) is not None}
+    return [r[key] - bs[r["seed"]] for r in a if r.get(key) is not None and r["seed"] in bs]
+
+
+def verdict(diffs: list[float]) -> tuple[float, str]:
+    """Mean difference and whether it is above / within / below the noise (seed spread)."""
+    m = statistics.fmean(diffs)
+    tol = max(TOL, statistics.stdev(diffs) if len(diffs) > 1 else 0.0)
+    return m, ("above" if m > tol else "below" if m < -tol else "level with")
+
+
+def by(rows: Iterable[Row], *keys: str) -> dict[tuple, list[Row]]:
+    out: dict[tuple, list[Row]] = defaultdict(list)
+    for r in rows:
+        out[tuple(r.get(k) for k in keys)].append(r)
+    return out
+
+
+def table(header: list[str], body: list[list[Any]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in body]
+    return "\n".join(lines)
+
+
+def runs_cell(rows: list[Row]) -> str:
+    """'3 × 10' (seeds × epochs), with the training subset when there was one."""
+    kinds = sorted({(r.get("epochs"), r.get("subset")) for r in rows}, key=str)
+    cells = [f"{e}" + (f" (subset {n})" if n else "") for e, n in kinds]
+    return f"{len(rows)} × {'/'.join(cells)}"
+
+
+def metric_cols(rows: list[Row]) -> list[str]:
+    return [pct(values(rows, key)) for _, key, _ in METRICS]
+
+
+def monotone(curve: list[float], tol: float = 0.0) -> bool:
+    return all(b >= a - tol for a, b in zip(curve, curve[1:]))
+
+
+# ---------------------------------------------------------------------------- per study
+
+
+def reference_stats(good: list[Row]) -> tuple[list[list[Any]], list[str]]:
+    body, findings = [], []
+    for (data,), grp in sorted(by(good, "dataset").items()):
+        sid = [r for r in grp if r["method"] == "sid"]
+        bp = [r for r in grp if r["method"] == "bp"]
+        for method, rs in (("bp", bp), ("sid", sid)):
+            paper = PAPER_REFERENCE[method] if data == "mnist" else None
+            name = "SID (shared)" if method == "sid" else "BP"
+            body.append([data, name, *metric_cols(rs), f"{100 * paper:.2f}" if paper else "–",
+                         secs(values(rs, "s_per_epoch")), runs_cell(rs)])  # fmt: skip
+        for _, key, label in METRICS:
+            diffs = paired(sid, bp, key)
+            if not diffs:
+                continue
+            m, v = verdict(diffs)
+            line = (
+                f"Reference ({data}), {label} test accuracy: SID {pct(values(sid, key))} vs BP "
+                f"{pct(values(bp, key))}; SID − BP = {100 * m:+.2f} points over {len(diffs)} "
+                f"seed(s): SID is {v} BP"
+            )
+            if data == "mnist" and key == "best_epoch_test_accuracy":
+                line += " (paper: 99.31 vs 99.06, +0.25)"
+            if v == "below":
+                line += ". This contradicts the paper's claim that SID matches or beats BP"
+            findings.append(line + ".")
+    return body, findings
+
+
+def blockwise_stats(
+    good: list[Row],
+) -> tuple[list[list[Any]], list[str], dict[str, dict[str, Series]]]:
+    """Table body, findings, and per dataset the SID − BP gap against blocks of each model."""
+    body, findings = [], []
+    settings = level_or_above = 0
+    gap_series: dict[str, dict[str, Series]] = defaultdict(dict)
+    for (data, model), grp in sorted(by(good, "dataset", "model").items()):
+        bp = [r for r in grp if r["method"] == "bp"]
+        sid_by_blocks = by([r for r in grp if r["method"] == "sid"], "blocks")
+        body.append([data, model, "BP", *metric_cols(bp), "–", "–",
+                     secs(values(bp, "s_per_epoch")), runs_cell(bp)])  # fmt: skip
+        xs, ys, parts = [], [], []
+        for (blocks,), sid in sorted(sid_by_blocks.items()):
+            gaps = {k: paired(sid, bp, key) for k, key, _ in METRICS}
+            body.append([data, model, f"SID {blocks} blocks", *metric_cols(sid),
+                         pct(gaps["last"], signed=True), pct(gaps["val"], signed=True),
+                         secs(values(sid, "s_per_epoch")), runs_cell(sid)])  # fmt: skip
+            if gaps["last"]:
+                xs.append(blocks)
+                ys.append(gaps["last"])
+                m, v = verdict(gaps["last"])
+                settings += 1
+                level_or_above += v != "below"
+                parts.append(f"{100 * m:+.2f} at {blocks} blocks ({v} BP)")
+        if xs:
+            gap_series[data][model] = (xs, ys)
+            means = [statistics.fmean(y) for y in ys]
+            trend = ""
+            if len(means) > 1:
+                if all(b < a for a, b in zip(means, means[1:])):
+                    trend = "; SID falls further behind BP as the network is cut finer"
+                elif all(b > a for a, b in zip(means, means[1:])):
+                    trend = "; SID gains on BP as the network is cut finer"
+                else:
+                    trend = "; no monotone trend with the number of blocks"
+            findings.append(
+                f"Blockwise {model} on {data}: SID − BP (last-epoch test accuracy) "
+                + ", ".join(parts) + trend + "."
+            )  # fmt: skip
+    if settings:
+        line = (
+            f"Blockwise SID is level with or above BP (last epoch, within max(0.1 point, seed "
+            f"std)) in {level_or_above} of {settings} (dataset, model, blocks) settings"
+        )
+        if level_or_above < settings:
+            line += (
+                f"; in the other {settings - level_or_above} it is below BP, which contradicts "
+                "the paper's claim that SID matches or beats BP"
+            )
+        findings.insert(0, line + ".")
+    return body, findings, gap_series
+
+
+ROBUSTNESS = {
+    "above": "SID loses less, as a more robust method should",
+    "level with": "both lose about the same (no robustness advantage)",
+    "below": "SID loses more, which contradicts the paper's robustness claim",
+}
+
+
+def noise_findings(grp: list[Row], clean: dict[str, list[Row]], data: str, arch: str) -> list[str]:
+    """SID vs BP at every noise rate > 0, and which method loses more from its clean run."""
+    findings = []
+    for (rate,), rs in sorted(by(grp, "noise").items()):
+        if not rate:
+            continue
+        sid = [r for r in rs if r["method"] == "sid"]
+        bp = [r for r in rs if r["method"] == "bp"]
+        for key, label in (
+            ("test_accuracy", "last epoch"),
+            ("val_selected_test_accuracy", "val-selected"),
+        ):
+            diffs = paired(sid, bp, key)
+            if not diffs:
+                continue
+            m, v = verdict(diffs)
+            line = (
+                f"Noise {rate:.0%} ({data}, {arch}), {label}: SID {pct(values(sid, key))}"
+                f" vs BP {pct(values(bp, key))} clean test accuracy, SID − BP "
+                f"{100 * m:+.2f} points: SID is {v} BP"
+            )
+            if v == "below":
+                line += " (this contradicts the paper, which reports SID above BP under noise)"
+            if key == "test_accuracy":
+                d_sid = paired(sid, clean["sid"], key)
+                d_bp = paired(bp, clean["bp"], key)
+                if d_sid and d_bp:
+                    _, dv = verdict([a - b for a, b in zip(d_sid, d_bp)])
+                    line += (
+                        f"; drop from clean: SID {100 * statistics.fmean(d_sid):+.2f}, BP "
+                        f"{100 * statistics.fmean(d_bp):+.2f} points: " + ROBUSTNESS[dv]
+                    )
+            findings.append(line + ".")
+    return findings
+
+
+def noise_stats(
+    good: list[Row],
+) -> tuple[list[list[Any]], list[str], dict[tuple[str, str], dict[str, Series]]]:
+    """Table body, findings, and per (arch, dataset) accuracy against the noise rate."""
+    body, findings, series_of = [], [], {}
+    for (arch, data), grp in sorted(by(good, "arch", "dataset").items()):
+        clean = {m: [r for r in grp if r["method"] == m and not r["noise"]] for m in ("bp", "sid")}
+        series = {}
+        for method in ("bp", "sid"):
+            xs, ys = [], []
+            mine = [r for r in grp if r["method"] == method]
+            for (rate,), rs in sorted(by(mine, "noise").items()):
+                drop = paired(rs, clean[method], "test_accuracy") if rate else []
+                body.append([arch, data, f"{rate:.0%}", method.upper(),
+                             pct(values(rs, "label_noise_rate")), *metric_cols(rs),
+                             pct(drop, signed=True) if drop else "–", runs_cell(rs)])  # fmt: skip
+                xs.append(100 * rate)
+                ys.append(values(rs, "test_accuracy"))
+            series[method.upper()] = (xs, ys)
+        series_of[(arch, data)] = series
+        findings += noise_findings(grp, clean, data, arch)
+    return body, findings, series_of
+
+
+def alpha_stats(
+    good: list[Row],
+) -> tuple[list[list[Any]], list[str], dict[tuple[str, str], AlphaSeries]]:
+    """Table body, findings, and per (arch, dataset) accuracy against alpha (and BP's)."""
+    body, findings, series_of = [], [], {}
+    for (arch, data), grp in sorted(by(good, "arch", "dataset").items()):
+        bp = [r for r in grp if r["method"] == "bp"]
+        body.append([arch, data, "BP", "–", *metric_cols(bp), "–",
+                     secs(values(bp, "s_per_epoch")), runs_cell(bp)])  # fmt: skip
+        series = {}
+        for (kl,), rs in sorted(by([r for r in grp if r["method"] == "sid"], "kl").items()):
+            xs, ys, means = [], [], {}
+            for (alpha,), ar in sorted(by(rs, "alpha").items()):
+                gap = paired(ar, bp, "test_accuracy")
+                body.append([arch, data, f"SID {kl}", f"{alpha:g}", *metric_cols(ar),
+                             pct(gap, signed=True) if gap else "–",
+                             secs(values(ar, "s_per_epoch")), runs_cell(ar)])  # fmt: skip
+                xs.append(alpha)
+                ys.append(values(ar, "test_accuracy"))
+                val = values(ar, "val_selected_test_accuracy") or values(ar, "test_accuracy")
+                means[alpha] = statistics.fmean(val)
+            series[f"SID {kl} KL"] = (xs, ys)
+            if means:
+                best = max(means, key=means.get)
+                line = (
+                    f"alpha ({data}, {arch}, {kl} KL): best alpha {best:g} "
+                    f"({100 * means[best]:.2f}% val-selected test accuracy); range over "
+                    f"alpha {100 * (max(means.values()) - min(means.values())):.2f} points"
+                )
+                if 0.5 in means:
+                    line += f"; the default 0.5 is {100 * (means[best] - means[0.5]):.2f} below"
+                if bp:
+                    line += f"; BP {pct(values(bp, 'val_selected_test_accuracy'))}"
+                findings.append(line + ".")
+        fw = by([r for r in grp if r.get("kl") == "forward"], "alpha", "seed")
+        rv = by([r for r in grp if r.get("kl") == "reverse"], "alpha", "seed")
+        diffs = [rv[k][0]["test_accuracy"] - fw[k][0]["test_accuracy"] for k in fw if k in rv]
+        if diffs:
+            m, v = verdict(diffs)
+            findings.append(
+                f"KL direction ({data}, {arch}): reverse − forward = {100 * m:+.2f} "
+                f"points (last epoch, mean over {len(diffs)} alpha×seed pairs): "
+                f"reverse is {v} forward."
+            )
+        series_of[(arch, data)] = (series, values(bp, "test_accuracy"))
+    return body, findings, series_of
+
+
+def depth_plot_path(study: str, group: str) -> str:
+    return f"plots/depth/{study}/{group}.png"
+
+
+def depth_stats(
+    studies: dict[str, dict[str, Any]],
+) -> tuple[list[list[Any]], list[str], list[tuple[str, str, list[Row]]]]:
+    """Study 3 over every SID run with more than one depth, from all studies present: table
+    body, findings, and the (study, group, rows) of each configuration (one plot each)."""
+    body, groups = [], []
+    total = strict = loose = last_best = 0
+    worst: tuple[float, str] | None = None
+    for study in STUDIES:
+        if study not in studies:
+            continue
+        good = [r for r in ok_rows(studies[study]["rows"]) if len(r["per_depth_accuracy"]) > 1]
+        for (group,), grp in sorted(by(good, "group").items()):
+            curves = [r["per_depth_accuracy"] for r in grp]
+            n_depth = len(curves[0])
+            mean = [statistics.fmean(c[i] for c in curves) for i in range(n_depth)]
+            k_strict = sum(monotone(c) for c in curves)
+            k_loose = sum(monotone(c, TOL) for c in curves)
+            total += len(curves)
+            strict += k_strict
+            loose += k_loose
+            last_best += sum(c[-1] >= max(c) for c in curves)
+            drop = max(mean) - mean[-1]
+            if drop > 0 and (worst is None or drop > worst[0]):
+                worst = (drop, f"{study}/{group}")
+            groups.append((study, group, grp))
+            body.append([study, f"[`{group}`]({depth_plot_path(study, group)})",
+                         " → ".join(f"{100 * x:.1f}" for x in mean),
+                         f"{k_strict}/{len(curves)}", f"{k_loose}/{len(curves)}",
+                         f"{1 + mean.index(max(mean))}/{n_depth}",
+                         f"{100 * (mean[-1] - max(mean)):+.2f}"])  # fmt: skip
+    findings = []
+    if total:
+        line = (
+            f"Depth: test accuracy never falls from one module to the next in {strict} of "
+            f"{total} SID runs ({loose} of {total} allowing dips under 0.1 point); the last "
+            f"module is the most accurate in {last_best} of {total}"
+        )
+        if strict < total:
+            line += (
+                ". The paper's claim that accuracy improves monotonically with depth does not "
+                f"hold in {total - strict} run(s)"
+            )
+            if worst:
+                line += f" (largest peak-to-last drop {100 * worst[0]:.2f} points, {worst[1]})"
+        findings.append(line + ".")
+    return body, findings, groups

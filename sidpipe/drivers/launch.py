@@ -1,0 +1,160 @@
+"""Start a pipeline run: join torchrun's process group, or spawn one process per stage.
+
+Started plainly, `sidpipe train pipeline.stages=S` spawns S local processes through torch's
+own elastic launcher (the engine behind torchrun): it gives the rendezvous store, watches
+the workers and, when one fails or is killed, stops the others, so no peer is left hanging.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import os
+import sys
+import time
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+from torch.distributed.launcher.api import LaunchConfig, elastic_launch
+
+from sidpipe.config import Config, Method
+from sidpipe.data import load_data
+from sidpipe.drivers.bp import BPStageRunner, check_bp_layout
+from sidpipe.drivers.runner import StageRunner
+from sidpipe.drivers.sid import SIDStageRunner
+from sidpipe.drivers.summary import gather_and_write
+from sidpipe.errors import TrainingError
+from sidpipe.method.stage import check_graph_device
+from sidpipe.models import build_net
+from sidpipe.models.partition import partition_blocks
+from sidpipe.runtime.device import check_cores, select_device
+from sidpipe.runtime.dist import init_distributed, shutdown, under_torchrun
+
+RUN_DIR_KEY = "sidpipe/run_dir"
+CUTS_KEY = "sidpipe/partition"
+LOST_PEER = ("Connection reset by peer", "Connection closed by peer", "Broken pipe")
+FAILURE_FILE = "failure.txt"  # the first failing stage's one-line reason
+
+
+# pipeline.partition=auto: measures the blocks and returns the config with concrete cuts
+# (bench/balance.py); called once, in the launcher or on rank 0 under torchrun.
+Planner = Callable[[Config, Path, int], Config]
+
+
+def check_layout(cfg: Config) -> None:
+    """Fail before any process starts: data present, stages fit the model, cuts valid."""
+    check_cores(cfg, cfg.pipeline.stages)
+    data = load_data(cfg.data, cfg.seed)
+    net = build_net(cfg, data)
+    if cfg.method is Method.bp:
+        check_bp_layout(cfg, data, net)
+    try:
+        partition_blocks(net.n_blocks, cfg.pipeline.stages, cfg.pipeline.partition)
+    except ValueError as e:
+        raise TrainingError(str(e)) from None
+
+
+def stage_main(cfg: Config, run_dir: str, planner: Planner | None = None) -> dict[str, Any]:
+    """One stage process. Returns the summary on rank 0, {} elsewhere; exits non-zero on failure."""
+    ctx = init_distributed(cfg)
+    # Every rank must write into one run directory: rank 0's is the one.
+    if ctx.rank == 0:
+        ctx.store.set(RUN_DIR_KEY, run_dir)
+    else:
+        run_dir = ctx.store.get(RUN_DIR_KEY).decode()
+    if cfg.pipeline.partition == "auto":  # under torchrun: rank 0 measures, everyone uses it
+        if planner is None:
+            raise TrainingError("pipeline.partition=auto needs a partition planner")
+        if ctx.rank == 0:
+            cfg = planner(cfg, Path(run_dir), ctx.local_rank)
+            ctx.store.set(CUTS_KEY, json.dumps(cfg.pipeline.partition))
+        else:
+            cfg = copy.deepcopy(cfg)
+            cfg.pipeline.partition = json.loads(ctx.store.get(CUTS_KEY).decode())
+    runner: StageRunner | None = None
+    try:
+        Runner = BPStageRunner if cfg.method is Method.bp else SIDStageRunner
+        runner = Runner(ctx, cfg, Path(run_dir))
+        result = runner.run()
+    except BaseException as e:  # noqa: BLE001 - every failure ends this process, loudly
+        step = runner.state.step if runner is not None else 0
+        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+        lost_peer = any(m in str(e) for m in LOST_PEER)
+        if lost_peer:
+            reason = f"step {step}: lost the connection to a neighbouring stage ({reason[:120]})"
+        elif type(e).__name__ != "PeerFailure":
+            reason = f"step {step}: {type(e).__name__}: {reason}"
+        ctx.report_failure(reason, Path(run_dir))
+        if lost_peer:  # the peer died first: let the launcher see its death before ours
+            time.sleep(1.0)
+        # No collective after a failure (peers would block in it): leave now. os._exit skips
+        # interpreter teardown, which can hang on a p2p op still posted to a dead peer.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(1)
+    summary = gather_and_write(ctx, cfg, Path(run_dir), result)
+    if ctx.rank == 0:  # the logger backend gets the other stages' lines and the summary
+        runner.metrics.replay(Path(run_dir) / "metrics.jsonl", skip_stage=0)
+        runner.metrics.summary(summary)
+    runner.metrics.close()
+    shutdown()
+    return summary
+
+
+def run_pipeline(cfg: Config, run_dir: Path, planner: Planner | None = None) -> dict[str, Any]:
+    if under_torchrun():
+        return stage_main(cfg, str(run_dir), planner)
+    check_graph_device(cfg, select_device(cfg))  # before any stage starts
+    if cfg.pipeline.partition == "auto":
+        if planner is None:
+            raise TrainingError("pipeline.partition=auto needs a partition planner")
+        cfg = planner(cfg, run_dir, 0)
+    check_layout(cfg)
+    (run_dir / FAILURE_FILE).unlink(missing_ok=True)
+    return spawn(cfg, run_dir)
+
+
+def spawn(cfg: Config, run_dir: Path) -> dict[str, Any]:
+    launch = LaunchConfig(
+        min_nodes=1,
+        max_nodes=1,
+        nproc_per_node=cfg.pipeline.stages,
+        run_id=f"sidpipe-{uuid.uuid4().hex[:8]}",
+        rdzv_backend="c10d",
+        rdzv_endpoint="localhost:0",  # a free port, like torchrun --standalone
+        max_restarts=0,  # a failed stage fails the run: no silent restarts
+        monitor_interval=0.1,
+        start_method="spawn",
+        rdzv_configs={"timeout": int(cfg.pipeline.timeout_s)},
+    )
+    os.environ.setdefault("OMP_NUM_THREADS", str(cfg.pipeline.threads))
+    # The stages print their own one-line reasons; the agent's tracebacks would bury them.
+    logging.getLogger("torch.distributed.elastic").setLevel(logging.CRITICAL)
+    try:
+        results = elastic_launch(launch, stage_main)(cfg, str(run_dir))
+    except ChildFailedError as e:
+        reason = run_dir / FAILURE_FILE
+        detail = reason.read_text().strip() if reason.exists() else "no stage reported a reason"
+        raise TrainingError(
+            f"pipeline failed: {_failure_line(e)}; first reported: {detail}"
+        ) from None
+    return results[0]
+
+
+def _failure_line(e: Any) -> str:
+    """Which stage died and how. A stage killed by a signal (not the agent's SIGTERM
+    teardown) is the cause; otherwise the first stage that exited with an error."""
+    failures = sorted(e.failures.items())
+    killed = [(r, f) for r, f in failures if f.exitcode < 0 and f.signal_name() != "SIGTERM"]
+    errored = [(r, f) for r, f in failures if f.exitcode > 0]
+    rank, failure = (killed or errored or failures)[0]
+    how = (
+        f"was killed by signal {failure.signal_name()}"
+        if failure.exitcode < 0
+        else f"exited with code {failure.exitcode}"
+    )
+    return f"stage {rank} {how}; the others were stopped"

@@ -1,0 +1,159 @@
+"""The single-process driver: SID `blockwise`, SID `shared` (the reference algorithm) and BP.
+
+`train_single(cfg, run_dir)` is the exact sequential reference for the pipelines: the
+blockwise method runs one `SIDStage` over every block; BP accumulates gradients over
+`pipeline.microbatches` microbatches per batch, as the pipeline schedules do. The loop
+consumes the same run cadence as the pipeline runners (docs/design.md §4).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from sidpipe.config import Config, Method, to_dict
+from sidpipe.data import eval_splits, load_data, train_batches
+from sidpipe.drivers.runner import LossMeter
+from sidpipe.drivers.summary import write_summary
+from sidpipe.method.step import BlockwiseSID, evaluate, make_method
+from sidpipe.models import BlockNet, build_net
+from sidpipe.runtime.cadence import EventKind, RunState, cadence, total_steps
+from sidpipe.runtime.checkpoint import CheckpointManager
+from sidpipe.runtime.device import select_device, set_threads
+from sidpipe.runtime.io import atomic_write_json, save_state
+from sidpipe.runtime.logger import make_logger
+from sidpipe.runtime.memory import MemoryProbe
+from sidpipe.runtime.trace import Span, Tracer, chrome_trace
+
+log = logging.getLogger("sidpipe")
+
+
+def progress_enabled(cfg: Config) -> bool:
+    return cfg.progress if cfg.progress is not None else sys.stderr.isatty()
+
+
+def train_single(cfg: Config, run_dir: Path) -> dict[str, Any]:
+    """Train in this process and write summary.json + metrics.jsonl into run_dir."""
+    previous = set_threads(cfg, 0)
+    try:
+        return _train_single(cfg, run_dir)
+    finally:
+        if previous is not None:
+            os.sched_setaffinity(0, previous)
+
+
+def _train_single(cfg: Config, run_dir: Path) -> dict[str, Any]:
+    device = select_device(cfg)
+    data = load_data(cfg.data, cfg.seed)
+    if data.noise_rate:
+        log.info("label noise: realised rate %.4f on %d training labels",
+                 data.noise_rate, len(data.train))  # fmt: skip
+    batches, splits = train_batches(cfg, data, device), eval_splits(cfg, data, device)
+    memory = MemoryProbe(device)  # baseline before the model exists (after the data)
+    net = build_net(cfg, data)
+    memory.attach(net.blocks if isinstance(net, BlockNet) else nn.ModuleList([net.extractor]))
+    n_steps = total_steps(cfg, data)
+    updates = n_steps // (cfg.sid.accumulate_steps if cfg.method is Method.sid else 1)
+    method = make_method(cfg, net, max(1, updates), device)
+    module = method.stage.stage if isinstance(method, BlockwiseSID) else method.net
+    n_parts = net.n_blocks if isinstance(net, BlockNet) else net.n_modules
+    checkpoints = CheckpointManager(cfg, run_dir, [[0, n_parts]])
+    metrics = make_logger(run_dir, to_dict(cfg), cfg.logger)
+    started = time.perf_counter()
+    state = RunState()
+    restored = checkpoints.restore(module, method.optimizers, method.schedulers)
+    if restored is not None:
+        state, path = restored
+        method.messages = state.messages
+        log.info("resumed from %s at step %d", path, state.step)
+    bar = None
+    if progress_enabled(cfg):
+        from tqdm import tqdm
+
+        bar = tqdm(total=n_steps, initial=state.step, desc=f"{cfg.method.value} train", unit="step")
+    tracer = Tracer(0, enabled=cfg.pipeline.trace)
+    losses = LossMeter(1 if cfg.method is Method.bp else n_parts, device)
+
+    def log_train(epoch: int) -> None:
+        mean = losses.mean(f"step {state.step} (epoch {epoch})")
+        if mean is not None:
+            metrics.log({"kind": "train", "step": state.step, "epoch": epoch, "loss": mean})
+            if bar is not None:
+                bar.set_postfix(loss=f"{mean[-1]:.4f}")
+
+    def evaluation(step: int, epoch: int) -> None:
+        record: dict[str, Any] = {"kind": "eval", "step": step, "epoch": epoch,
+                                  "train_s": state.train_s}  # fmt: skip
+        for name, split in splits.items():
+            record[f"{name}_per_depth"] = evaluate(method, split, device)
+        state.history.add(record)
+        metrics.log(record)
+        if bar is None:
+            val = f" val {record['val_per_depth'][-1]:.4f}" if "val_per_depth" in record else ""
+            log.info("epoch %d step %d: test accuracy %.4f%s",
+                     epoch, step, record["test_per_depth"][-1], val)  # fmt: skip
+
+    events = cadence(cfg.train, cfg.checkpoint.every_n_steps, n_steps, state.position,
+                     batches.epoch)  # fmt: skip
+    for ev in events:
+        if ev.kind is EventKind.TRAIN:
+            state.start_clock()
+            t0 = time.perf_counter()
+            x, y = ev.x.to(device, non_blocking=True), ev.y.to(device, non_blocking=True)
+            losses.add(method.step(x, y))
+            memory.sample()
+            state.advance(ev)
+            state.samples += y.numel()
+            if state.step % cfg.train.log_every == 0:
+                log_train(ev.epoch)
+            tracer.add(Span.TRAIN, t0, time.perf_counter(), n=int(y.numel()))
+            if bar is not None:
+                bar.update(1)
+            continue
+        state.pause_clock()  # training time excludes evaluation and checkpoints
+        if ev.kind is EventKind.CHECKPOINT:
+            state.messages = getattr(method, "messages", 0)
+            checkpoints.save(state, module, method.optimizers, method.schedulers)
+        elif ev.kind is EventKind.EVAL:
+            evaluation(ev.step, ev.epoch)
+        elif ev.kind is EventKind.EPOCH_END:
+            state.advance(ev)
+            log_train(ev.epoch)
+    if bar is not None:
+        bar.close()
+    if cfg.pipeline.trace:
+        atomic_write_json(run_dir / "trace.json", chrome_trace([tracer.events()]))
+    save_state(net.state_dict(), run_dir, 0)
+    history = state.history
+    final = history.epochs[-1] if history.epochs else {}
+    result = {
+        "test_accuracy": final["test_per_depth"][-1] if final else None,
+        "per_depth_accuracy": final.get("test_per_depth", []),
+        **history.selection(),
+        "evaluations": history.epochs,
+        "epochs_run": state.epoch,
+        "steps": state.step,
+        "samples_per_s": state.samples / state.train_s if state.train_s > 0 else 0.0,
+        "wall_s": time.perf_counter() - started,
+        "train_s": state.train_s,
+        "per_stage": [
+            {
+                "stage": 0,
+                "busy_fraction": 1.0,
+                "recv_wait_fraction": 0.0,
+                "bytes_sent_forward": 0,
+                "bytes_sent_backward": 0,
+                **memory.report(),
+            }
+        ],
+    }
+    summary = write_summary(run_dir, cfg, data.noise_rate, result)
+    metrics.summary(summary)
+    metrics.close()
+    return summary

@@ -1,0 +1,59 @@
+"""The SID local loss (docs/design.md §1).
+
+    L_i = alpha * KL(target || p_i) + (1 - alpha) * KL(sg(p_{i-1}) || p_i)      (forward)
+    L_i = alpha * KL(p_i || target) + (1 - alpha) * KL(p_i || sg(p_{i-1}))      (reverse)
+
+With forward KL and a one-hot target the first term *is* the cross-entropy (a one-hot has
+zero entropy), which is what the reference code computes. Reverse KL puts p_i first; it
+needs a target with full support, so the label term uses a smoothed one-hot and both
+targets are clamped away from zero to keep the loss finite.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+# Smallest probability a reverse-KL target may hold: log(EPS) bounds the loss.
+EPS = 1e-8
+
+
+def smoothed_onehot(y: Tensor, num_classes: int, label_smoothing: float) -> Tensor:
+    """(1 - s) * onehot(y) + s / K, the label distribution of torch's cross-entropy."""
+    onehot = F.one_hot(y, num_classes).float()
+    return onehot * (1.0 - label_smoothing) + label_smoothing / num_classes
+
+
+def at_least_fp32(t: Tensor) -> Tensor:
+    """Upcast half types (bf16 autocast outputs); leave fp32 and fp64 alone."""
+    return t.float() if t.dtype in (torch.bfloat16, torch.float16) else t
+
+
+def sid_loss(
+    logits: Tensor,
+    y: Tensor,
+    prev_belief: Tensor,
+    alpha: float = 0.5,
+    kl_direction: str = "forward",
+    label_smoothing: float = 0.0,
+) -> Tensor:
+    """Local SID loss of one module; `prev_belief` is detached here (stop-gradient)."""
+    # Beliefs and losses in fp32 at least, also under bf16 autocast (float64 stays float64).
+    logits = at_least_fp32(logits)
+    prev = at_least_fp32(prev_belief.detach())
+    log_p = F.log_softmax(logits, dim=-1)
+    direction = getattr(kl_direction, "value", kl_direction)
+    if direction == "forward":
+        fidelity = F.cross_entropy(logits, y, label_smoothing=label_smoothing)
+        # kl_div(input=log p_i, target=p_{i-1}) = sum p_{i-1} (log p_{i-1} - log p_i); torch
+        # treats 0 * log 0 as 0, so a prior with exact zeros stays finite.
+        consistency = F.kl_div(log_p, prev, reduction="batchmean")
+    elif direction == "reverse":
+        p = log_p.exp()
+        target = smoothed_onehot(y, logits.shape[-1], label_smoothing)
+        fidelity = (p * (log_p - target.clamp_min(EPS).log())).sum(-1).mean()
+        consistency = (p * (log_p - prev.clamp_min(EPS).log())).sum(-1).mean()
+    else:
+        raise ValueError(f"sid.kl_direction={kl_direction!r} must be forward or reverse")
+    return alpha * fidelity + (1.0 - alpha) * consistency

@@ -1,0 +1,244 @@
+"""Training checkpoints: every stage saves its own part with torch.distributed.checkpoint.
+
+`CheckpointManager` is the one entry the drivers use (single-process, SID and BP runs):
+`restore()` at start (resume=auto|PATH) and `save()` at a CHECKPOINT event.
+
+Layout under `<run_dir>/checkpoints/` (or `checkpoint.dir`):
+
+    step_00000040/            one directory per checkpointed step, complete or absent
+      meta.json               step, stages, partition, method, and size + sha256 of every file
+      stage0/ .metadata __0_0.distcp manifest.json
+      stage1/ ...
+
+A stage writes into `step_XXXXXXXX.tmp/stage{r}/`; the last stage to finish (a counter on
+the rendezvous store: no collective, so no stage waits for another) writes meta.json and
+renames the directory into place. A crash mid-save leaves only a `.tmp` directory, which
+is never loaded; a complete directory whose files were damaged later fails its checksum and
+`resume=auto` falls back to the previous good one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from sidpipe.config import Config, to_dict
+from sidpipe.errors import CheckpointError
+from sidpipe.runtime.cadence import RunState
+from sidpipe.runtime.io import atomic_write_json
+
+log = logging.getLogger("sidpipe.runtime.checkpoint")
+PREFIX = "step_"
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _step_of(path: Path) -> int:
+    return int(path.name[len(PREFIX) :])
+
+
+def checkpoint_root(cfg: Config, run_dir: Path) -> Path:
+    return Path(cfg.checkpoint.dir) if cfg.checkpoint.dir else run_dir / "checkpoints"
+
+
+def verify(path: Path) -> dict[str, Any]:
+    """meta.json of a complete, undamaged checkpoint; CheckpointError otherwise."""
+    meta_path = path / "meta.json"
+    if not meta_path.exists():
+        raise CheckpointError(f"checkpoint {path} is incomplete (no meta.json)")
+    meta = json.loads(meta_path.read_text())
+    for rel, (size, digest) in meta["files"].items():
+        f = path / rel
+        if not f.exists() or f.stat().st_size != size or _sha256(f) != digest:
+            raise CheckpointError(
+                f"checkpoint {path} is damaged: {rel} does not match its checksum"
+            )
+    return meta
+
+
+def latest_good(root: Path) -> Path | None:
+    """The newest checkpoint that verifies; damaged ones are reported and skipped."""
+    if not root.exists():
+        return None
+    done = [
+        p for p in root.iterdir() if p.is_dir() and p.name.startswith(PREFIX) and "." not in p.name
+    ]
+    for path in sorted(done, key=_step_of, reverse=True):
+        try:
+            verify(path)
+            return path
+        except CheckpointError as e:
+            log.warning("%s; falling back to an earlier checkpoint", e)
+    return None
+
+
+def resolve_resume(cfg: Config, run_dir: Path) -> Path | None:
+    """`resume=auto`: the newest good checkpoint (or a fresh start); `resume=PATH`: that one."""
+    if cfg.resume is None:
+        return None
+    if cfg.resume == "auto":
+        return latest_good(checkpoint_root(cfg, run_dir))
+    path = Path(cfg.resume)
+    if not path.exists():
+        raise CheckpointError(f"resume={path} does not exist")
+    if path.name.startswith(PREFIX):
+        verify(path)
+        return path
+    found = latest_good(path if path.name == "checkpoints" else path / "checkpoints")
+    if found is None:
+        raise CheckpointError(f"resume={path}: no complete, undamaged checkpoint found there")
+    return found
+
+
+def check_compatible(
+    meta: dict[str, Any], cfg: Config, partition: list[list[int]], path: Path
+) -> None:
+    """Same method, stage count and cuts, or a clear refusal (re-partitioning is not done)."""
+    want = (cfg.pipeline.stages, cfg.method.value, partition)
+    if (meta["stages"], meta["method"], meta["partition"]) != want:
+        raise CheckpointError(
+            f"checkpoint {path} was written by a {meta['stages']}-stage {meta['method']} run "
+            f"(blocks per stage {meta['partition']}); resuming with pipeline.stages="
+            f"{cfg.pipeline.stages} method={cfg.method.value} (blocks {partition}) is not "
+            "supported: resume with the same layout, or export the model and start a new run"
+        )
+
+
+def _state(module: nn.Module, optimizers: list[torch.optim.Optimizer]) -> dict[str, Any]:
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    model_sd, optim_sd = get_state_dict(module, optimizers)
+    return {"model": model_sd, "optim": optim_sd}
+
+
+def save(
+    root: Path,
+    step: int,
+    stage: int,
+    world: int,
+    module: nn.Module,
+    optimizers: list[torch.optim.Optimizer],
+    extra: dict[str, Any],
+    meta: dict[str, Any],
+    keep_last: int,
+    store: Any = None,
+) -> Path | None:
+    """Save this stage's part of step `step`; the last stage to finish publishes it."""
+    import torch.distributed.checkpoint as dcp
+
+    tmp = root / f"{PREFIX}{step:08d}.tmp"
+    part = tmp / f"stage{stage}"
+    part.mkdir(parents=True, exist_ok=True)
+    state = _state(module, optimizers)
+    state["extra"] = {"torch_rng": torch.get_rng_state(), "json": json.dumps(extra)}
+    with warnings.catch_warnings():  # "assuming the intent is to save in a single process": yes
+        warnings.simplefilter("ignore", UserWarning)
+        dcp.save(state, checkpoint_id=part, no_dist=True)
+    files = {
+        str(f.relative_to(tmp)): [f.stat().st_size, _sha256(f)] for f in sorted(part.iterdir())
+    }
+    atomic_write_json(part / "manifest.json", files)
+    done = store.add(f"sidpipe/ckpt/{root}/{step}", 1) if store is not None else world
+    if done < world:
+        return None
+    # Last stage in: every part is on disk. Publish the step atomically.
+    all_files: dict[str, Any] = {}
+    for r in range(world):
+        all_files.update(json.loads((tmp / f"stage{r}" / "manifest.json").read_text()))
+    atomic_write_json(tmp / "meta.json", {**meta, "step": step, "files": all_files})
+    final = root / f"{PREFIX}{step:08d}"
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    _prune(root, keep_last)
+    log.info("checkpoint %s written", final)
+    return final
+
+
+def _prune(root: Path, keep_last: int) -> None:
+    done = sorted(
+        (p for p in root.iterdir() if p.name.startswith(PREFIX) and "." not in p.name), key=_step_of
+    )
+    for old in done[: max(0, len(done) - keep_last)]:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def load(
+    path: Path, stage: int, module: nn.Module, optimizers: list[torch.optim.Optimizer]
+) -> dict[str, Any]:
+    """Load this stage's part into module and optimizers; returns the saved `extra` dict."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import set_state_dict
+
+    state = _state(module, optimizers)
+    state["extra"] = {"torch_rng": torch.get_rng_state(), "json": ""}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        dcp.load(state, checkpoint_id=path / f"stage{stage}", no_dist=True)
+    set_state_dict(
+        module, optimizers, model_state_dict=state["model"], optim_state_dict=state["optim"]
+    )
+    torch.set_rng_state(state["extra"]["torch_rng"])
+    return json.loads(state["extra"]["json"])
+
+
+class CheckpointManager:
+    """Save, verify, keep_last and resume for one stage (rank) of a run of `world` stages.
+
+    partition: the blocks of every stage ([[start, stop], ...]); a checkpoint written with
+    another stage count, method or partition is refused on resume.
+    """
+
+    def __init__(
+        self,
+        cfg: Config,
+        run_dir: Path,
+        partition: list[list[int]],
+        rank: int = 0,
+        world: int = 1,
+        store: Any = None,
+    ):
+        self.cfg, self.rank, self.world, self.store = cfg, rank, world, store
+        self.root = checkpoint_root(cfg, run_dir)
+        self.run_dir = run_dir
+        self.meta = {"stages": world, "method": cfg.method.value, "partition": partition,
+                     "config": to_dict(cfg)}  # fmt: skip
+
+    def restore(
+        self, module: nn.Module, optimizers: list[torch.optim.Optimizer], schedulers: list[Any]
+    ) -> tuple[RunState, Path] | None:
+        """With resume= set: load this stage's part of the checkpoint; None for a fresh start."""
+        path = resolve_resume(self.cfg, self.run_dir)
+        if path is None:
+            return None
+        check_compatible(verify(path), self.cfg, self.meta["partition"], path)
+        extra = load(path, self.rank, module, optimizers)
+        return RunState.from_json(extra, schedulers), path
+
+    def save(
+        self,
+        state: RunState,
+        module: nn.Module,
+        optimizers: list[torch.optim.Optimizer],
+        schedulers: list[Any],
+    ) -> Path | None:
+        """This stage's part of step state.step; the last stage to finish publishes it."""
+        return save(
+            self.root, state.step, self.rank, self.world, module, optimizers,
+            state.to_json(schedulers), self.meta, self.cfg.checkpoint.keep_last, self.store,
+        )  # fmt: skip

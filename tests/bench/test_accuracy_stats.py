@@ -1,0 +1,116 @@
+"""The studies' statistics on hand-made rows: mean ± std, paired per-seed differences, the
+verdicts against the seed spread, and the findings they turn into."""
+
+from __future__ import annotations
+
+import pytest
+
+from sidpipe.bench.accuracy import stats
+from sidpipe.bench.accuracy.run import merge
+
+
+def row(method: str, seed: int, acc: float, **kw) -> dict:
+    return {
+        "status": "ran", "method": method, "seed": seed, "dataset": "mnist", "test_accuracy": acc,
+        "best_epoch_test_accuracy": acc, "val_selected_test_accuracy": acc,
+        "per_depth_accuracy": [acc], "s_per_epoch": 2.0, "epochs": 10, **kw,
+    }  # fmt: skip
+
+
+def test_mean_std_and_percent_cells() -> None:
+    m, s = stats.mean_std([0.90, 0.92])
+    assert m == pytest.approx(0.91) and s == pytest.approx(0.0141421, rel=1e-4)
+    assert stats.mean_std([0.5]) == (0.5, 0.0) and stats.mean_std([]) is None
+    assert stats.pct([0.90, 0.92]) == "91.00 ± 1.41"
+    assert stats.pct([0.9]) == "90.00" and stats.pct([]) == "–"
+    assert stats.pct([-0.012], signed=True) == "-1.20"
+    assert stats.runs_cell([row("bp", 0, 0.9), row("bp", 1, 0.9, subset=500)]) == (
+        "2 × 10 (subset 500)/10"
+    )
+
+
+def test_paired_differences_match_seeds() -> None:
+    a = [row("sid", 0, 0.95), row("sid", 1, 0.96), row("sid", 2, 0.97)]
+    b = [row("bp", 0, 0.90), row("bp", 2, 0.93)]  # seed 1 missing: not paired
+    assert stats.paired(a, b, "test_accuracy") == pytest.approx([0.05, 0.04])
+
+
+@pytest.mark.parametrize(
+    "diffs, expected",
+    [
+        ([0.02, 0.03], "above"),
+        ([-0.02, -0.025], "below"),
+        ([0.0005, -0.0003], "level with"),  # within 0.1 point
+        ([0.05, -0.03], "level with"),  # mean +1 point, but the seeds spread 5.7 points
+        ([0.002], "above"),  # one seed: the 0.1-point tolerance only
+    ],
+)
+def test_verdict_against_the_seed_spread(diffs, expected) -> None:
+    m, v = stats.verdict(diffs)
+    assert m == pytest.approx(sum(diffs) / len(diffs)) and v == expected
+
+
+def test_reference_findings_and_table() -> None:
+    rows = [row("bp", 0, 0.990), row("bp", 1, 0.991), row("sid", 0, 0.980), row("sid", 1, 0.979)]
+    rows.append({**row("sid", 2, 0.99), "status": "failed"})  # not counted
+    body, findings = stats.reference_stats(stats.ok_rows(rows))
+    assert [r[:3] for r in body] == [["mnist", "BP", "99.05 ± 0.07"],
+                                     ["mnist", "SID (shared)", "97.95 ± 0.07"]]  # fmt: skip
+    assert body[0][5] == "99.06" and body[1][5] == "99.31"  # the paper's numbers on MNIST
+    assert len(findings) == 3  # last, best, val-selected
+    assert "SID − BP = -1.10 points over 2 seed(s): SID is below BP" in findings[0]
+    assert "contradicts the paper" in findings[0]
+    assert "(paper: 99.31 vs 99.06, +0.25)" in findings[1]
+
+
+def test_blockwise_gaps_trend_and_count() -> None:
+    rows = [row("bp", s, 0.95, model="mlp") for s in (0, 1)]
+    rows += [row("sid", s, 0.96, model="mlp", blocks=2) for s in (0, 1)]
+    rows += [row("sid", s, 0.90 + 0.001 * s, model="mlp", blocks=4) for s in (0, 1)]
+    body, findings, series = stats.blockwise_stats(rows)
+    assert [r[2] for r in body] == ["BP", "SID 2 blocks", "SID 4 blocks"]
+    assert body[1][6] == "+1.00 ± 0.00" and body[2][6] == "-4.95 ± 0.07"
+    assert findings[0].startswith("Blockwise SID is level with or above BP") and "in 1 of 2" in (
+        findings[0]
+    )
+    assert "+1.00 at 2 blocks (above BP), -4.95 at 4 blocks (below BP)" in findings[1]
+    assert "falls further behind BP as the network is cut finer" in findings[1]
+    xs, ys = series["mnist"]["mlp"]
+    assert xs == [2, 4] and ys[1] == pytest.approx([-0.05, -0.049])
+
+
+def test_noise_drop_from_clean() -> None:
+    rows = []
+    for s in (0, 1):
+        rows += [row("bp", s, 0.95, arch="shared", noise=0.0),
+                 row("sid", s, 0.95, arch="shared", noise=0.0),
+                 row("bp", s, 0.80, arch="shared", noise=0.4),
+                 row("sid", s, 0.90, arch="shared", noise=0.4)]  # fmt: skip
+    body, findings, series = stats.noise_stats(rows)
+    assert len(body) == 4 and body[-1][3] == "SID" and body[-1][8] == "-5.00 ± 0.00"
+    assert "Noise 40% (mnist, shared), last epoch" in findings[0]
+    assert "SID is above BP" in findings[0] and "SID loses less" in findings[0]
+    assert series[("shared", "mnist")]["SID"][0] == [0.0, 40.0]
+
+
+def test_depth_monotone_counts() -> None:
+    rising = row("sid", 0, 0.9, group="g", per_depth_accuracy=[0.5, 0.7, 0.9])
+    dip = row("sid", 1, 0.8, group="g", per_depth_accuracy=[0.5, 0.9, 0.8])
+    body, findings, groups = stats.depth_stats({"blockwise": {"rows": [rising, dip]}})
+    assert body[0][2] == "50.0 → 80.0 → 85.0" and body[0][3] == "1/2" and body[0][5] == "3/3"
+    assert "never falls from one module to the next in 1 of 2 SID runs" in findings[0]
+    assert "does not hold in 1 run(s)" in findings[0]
+    assert groups == [("blockwise", "g", [rising, dip])]
+
+
+def test_merge_keeps_other_configurations_and_drops_superseded(tmp_path) -> None:
+    def done(name: str, group: str, **kw) -> dict:
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "summary.json").write_text("{}")
+        return {**row("sid", 0, 0.9, **kw), "name": name, "group": group, "run_dir": name}
+
+    old = {"rows": [done("b2-e5", "b2-e5", blocks=2), done("b4-e5", "b4-e5", blocks=4)]}
+    new = [{**row("sid", 0, 0.9, blocks=4), "name": "b4-e10", "group": "b4-e10"}]
+    merged = merge(old, new, tmp_path)
+    assert [r["name"] for r in merged] == ["b4-e10", "b2-e5"]  # b4 at 5 epochs: superseded
+    assert merged[1]["reason"] == "from an earlier invocation"

@@ -43,8 +43,25 @@ class KLDirection(str, Enum):
 
 
 class Schedule(str, Enum):
+    """The backprop pipeline schedules of torch.distributed.pipelining (docs/design.md §6)."""
+
     gpipe = "gpipe"
     onef1b = "1f1b"
+    interleaved_1f1b = "interleaved_1f1b"  # looped placement, several stages per rank
+    looped_bfs = "looped_bfs"  # looped placement, breadth first
+    interleaved_zb = "interleaved_zb"  # looped, backward split into input and weight grads
+    zbv = "zbv"  # zero bubble, V-shaped placement: 2 stages per rank
+    dualpipev = "dualpipev"  # DualPipe, V-shaped placement: 2 stages per rank
+
+    @property
+    def multi_stage(self) -> bool:
+        """A schedule of torch's PipelineScheduleMulti: takes a list of stages per rank."""
+        return self not in (Schedule.gpipe, Schedule.onef1b)
+
+    @property
+    def v_shape(self) -> bool:
+        """Rank r holds stages r and 2S-1-r (the first and last stage both on rank 0)."""
+        return self in (Schedule.zbv, Schedule.dualpipev)
 
 
 # OmegaConf parses an enum override by member *name*, and no Python name can be "1f1b":
@@ -160,6 +177,9 @@ class PipelineConfig:
     auto_bandwidth_gbs: float = 5.0  # partition=auto: cost of sending a message, GB/s
     schedule: Schedule = Schedule.gpipe  # BP only
     microbatches: int = 4  # BP schedules only; a SID message is one batch
+    # BP: pipeline stages per rank (None: 1 for gpipe/1f1b, 2 for the multi-stage schedules);
+    # the model is cut into pipeline.stages * stages_per_rank stages
+    stages_per_rank: int | None = None
     queue_depth: int = 2  # outstanding isends per stage (backpressure)
     timeout_s: float = 120.0  # any wait on another process fails after this
     transport: Transport = Transport.auto
@@ -185,12 +205,10 @@ class PipelineConfig:
                 self.partition == "auto",
                 f"pipeline.partition={self.partition!r} must be a list of cut points or auto",
             )
-        elif self.partition is not None:
-            _check(
-                len(self.partition) == self.stages - 1,
-                f"pipeline.partition={list(self.partition)} must list pipeline.stages-1="
-                f"{self.stages - 1} cut points",
-            )
+        _check(
+            self.stages_per_rank is None or self.stages_per_rank >= 1,
+            f"pipeline.stages_per_rank must be >= 1 (got {self.stages_per_rank})",
+        )
 
 
 @dataclass
@@ -288,33 +306,39 @@ class CheckpointConfig:
         _check(self.keep_last >= 1, f"checkpoint.keep_last must be >= 1 (got {self.keep_last})")
 
 
+# sidpipe bench: the SID pipeline, every BP schedule, and the single-process references
+BENCH_SCHEMES = ("sid", *(s.value for s in Schedule), "seq_sid", "seq_bp")
+
+
 @dataclass
 class BenchConfig:
-    """`sidpipe bench`: SID vs GPipe vs 1F1B (and the sequential references) in one run."""
+    """`sidpipe bench`: SID vs every BP pipeline schedule (and the sequential references)."""
 
     mode: str = "throughput"  # throughput | tta (time to accuracy) | simulate (one device)
     stages: list[int] = field(default_factory=lambda: [2])  # sweep S
-    microbatches: list[int] = field(default_factory=lambda: [4])  # sweep M
+    # sweep M: BP splits a batch of B into M microbatches; SID sends messages of B/M samples,
+    # and always also B (M=1: one update per B samples, as BP: the equal-update headline)
+    microbatches: list[int] = field(default_factory=lambda: [4])
     batch_size: int = 256  # B of the BP schedules; a SID message is B/M samples
     steps: int = 40  # BP batches per run (SID runs steps*M messages: the same samples)
     warmup: int = 8  # BP batches left out of the timed windows (SID: warmup*M messages)
     windows: int = 4  # timed windows; throughput is their median (min/max reported)
-    schemes: list[str] = field(
-        default_factory=lambda: ["sid", "gpipe", "1f1b", "seq_sid", "seq_bp"]
-    )
+    schemes: list[str] = field(default_factory=lambda: list(BENCH_SCHEMES))
     target_accuracy: float = 0.98  # tta mode
     eval_every: int = 50  # tta mode: BP batches between validation evaluations
     max_epochs: int = 5  # tta mode: give up after this many epochs
-    out_dir: str | None = None  # default benchmarks/results/<machine>-<date>
+    lrs: list[float] = field(default_factory=list)  # tta mode: learning rates to sweep
+    seeds: list[int] = field(default_factory=list)  # tta mode: seeds per rate ([] = seed)
+    out_dir: str | None = None  # default: the bench's run directory
 
     def __post_init__(self) -> None:
         _check(
             self.mode in ("throughput", "tta", "simulate"),
             f"bench.mode={self.mode!r} must be throughput, tta or simulate",
         )
-        known = ("sid", "gpipe", "1f1b", "seq_sid", "seq_bp")
-        bad = [x for x in self.schemes if x not in known]
-        _check(not bad, f"bench.schemes has unknown {bad}; choose from {', '.join(known)}")
+        bad = [x for x in self.schemes if x not in BENCH_SCHEMES]
+        _check(not bad, f"bench.schemes has unknown {bad}; choose from {', '.join(BENCH_SCHEMES)}")
+        _check(all(lr > 0 for lr in self.lrs), f"bench.lrs must be > 0 (got {list(self.lrs)})")
         _check(
             all(s >= 1 for s in self.stages), f"bench.stages must be >= 1 (got {list(self.stages)})"
         )
@@ -432,6 +456,12 @@ class Config:
     bench: BenchConfig = field(default_factory=BenchConfig)  # used by `sidpipe bench` only
     study: StudyConfig = field(default_factory=StudyConfig)  # used by sidpipe accuracy only
 
+    @property
+    def stage_count(self) -> int:
+        """Pipeline stages the model is cut into: one per rank for SID; for BP,
+        pipeline.stages_per_rank per rank."""
+        return self.pipeline.stages * (self.pipeline.stages_per_rank or 1)
+
     def __post_init__(self) -> None:
         # Cross-field checks: things no single group can know.
         if self.method is Method.sid and self.sid.variant is Variant.shared:
@@ -440,18 +470,32 @@ class Config:
                 "sid.variant=shared trains its extractor with the sum of every module's gradient, "
                 "so it cannot be pipelined: use pipeline.stages=1 or sid.variant=blockwise",
             )
-        if self.method is Method.bp and self.pipeline.stages > 1:
+        pipe = self.pipeline
+        if pipe.stages_per_rank is None:  # resolved here: every rank and the summary agree
+            multi = self.method is Method.bp and pipe.schedule.multi_stage and pipe.stages > 1
+            pipe.stages_per_rank = 2 if multi else 1
+        if self.method is Method.bp and pipe.stages > 1:
             _check(
-                self.train.batch_size % self.pipeline.microbatches == 0,
+                self.train.batch_size % pipe.microbatches == 0,
                 f"train.batch_size={self.train.batch_size} is not divisible by "
-                f"pipeline.microbatches={self.pipeline.microbatches}",
+                f"pipeline.microbatches={pipe.microbatches}",
             )
-            if self.pipeline.schedule is Schedule.onef1b:
-                _check(
-                    self.pipeline.microbatches >= self.pipeline.stages,
-                    f"pipeline.schedule=1f1b needs pipeline.microbatches >= pipeline.stages "
-                    f"(got {self.pipeline.microbatches} < {self.pipeline.stages})",
-                )
+            check_schedule(pipe)
+        else:
+            _check(
+                pipe.stages_per_rank == 1,
+                "pipeline.stages_per_rank applies to BP pipelines (method=bp, "
+                f"pipeline.stages > 1); got {pipe.stages_per_rank}",
+            )
+        if isinstance(pipe.partition, str) or pipe.partition is None:
+            pass
+        else:
+            n = self.stage_count
+            _check(
+                len(pipe.partition) == n - 1,
+                f"pipeline.partition={list(pipe.partition)} must list {n - 1} cut points "
+                f"(one fewer than the {n} pipeline stages)",
+            )
         _check(
             not (self.pipeline.host_headers and self.method is Method.bp),
             "pipeline.host_headers=true applies to SID pipelines; method=bp sends with "
@@ -477,6 +521,30 @@ class Config:
                 self.device is not Device.cpu,
                 "pipeline.cuda_graphs=true needs CUDA; it cannot be used with device=cpu",
             )
+
+
+def check_schedule(pipe: PipelineConfig) -> None:
+    """The constraints torch's schedule constructors enforce, refused before any process
+    starts (each in one line)."""
+    s, m, v, name = pipe.stages, pipe.microbatches, pipe.stages_per_rank, pipe.schedule.value
+    if not pipe.schedule.multi_stage:
+        _check(v == 1, f"pipeline.schedule={name} runs one stage per rank "
+                       f"(pipeline.stages_per_rank={v}); use interleaved_1f1b or looped_bfs "
+                       "for several")  # fmt: skip
+    if pipe.schedule.v_shape:
+        _check(v == 2, f"pipeline.schedule={name} places exactly 2 stages per rank in a V "
+                       f"(pipeline.stages_per_rank={v})")  # fmt: skip
+    if pipe.schedule is Schedule.onef1b:
+        _check(m >= s, f"pipeline.schedule=1f1b needs pipeline.microbatches >= pipeline.stages "
+                       f"(got {m} < {s})")  # fmt: skip
+    if pipe.schedule in (Schedule.interleaved_1f1b, Schedule.interleaved_zb):
+        rounds = max(1, m // s)
+        _check(m % rounds == 0, f"pipeline.schedule={name} needs pipeline.microbatches to be a "
+                                f"multiple of its rounds max(1, M // S) = {rounds} (got M={m}, "
+                                f"S={s})")  # fmt: skip
+    if pipe.schedule is Schedule.dualpipev:
+        _check(m >= 2 * s, f"pipeline.schedule=dualpipev needs pipeline.microbatches >= "
+                           f"2 * pipeline.stages (got {m} < {2 * s})")  # fmt: skip
 
 
 def register_configs() -> None:

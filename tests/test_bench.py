@@ -38,6 +38,8 @@ def bench_result(tmp_path_factory):
         "progress=false",
         "bench.stages=[2]",
         "bench.microbatches=[2]",
+        # a one-stage and a multi-stage (V) schedule, and one whose constraint M >= 2S fails
+        "bench.schemes=[sid,gpipe,1f1b,zbv,dualpipev,seq_sid,seq_bp]",
         "bench.batch_size=64",
         "bench.steps=8",
         "bench.warmup=2",
@@ -68,10 +70,38 @@ def test_outputs_exist(bench_result):
 
 
 @pytest.mark.multiprocess
+def test_headline_is_sid_at_equal_update_size_against_the_fastest_bp(bench_result):
+    out, result, stdout = bench_result
+    ran = [r for r in result["rows"] if "samples_per_s" in r]
+    bp = [r for r in ran if r["scheme"] in ("gpipe", "1f1b", "zbv")]
+    assert {r["scheme"] for r in bp} == {"gpipe", "1f1b", "zbv"}
+    best = max(bp, key=lambda r: r["samples_per_s"])
+    sid_equal = next(r for r in ran if r["scheme"] == "sid" and r["microbatches"] == 1)
+    assert sid_equal["batch_size"] == 64  # one message = B: one update per B samples, as BP
+    fastest_sid = max((r for r in ran if r["scheme"] == "sid"), key=lambda r: r["samples_per_s"])
+    (h,) = result["headline"]
+    assert h["best_bp"] == {"schedule": best["scheme"], "microbatches": best["microbatches"],
+                            "samples_per_s": best["samples_per_s"]}  # fmt: skip
+    assert h["ratio_equal_update"] == pytest.approx(
+        sid_equal["samples_per_s"] / best["samples_per_s"])  # fmt: skip
+    assert h["ratio_fastest"] == pytest.approx(
+        fastest_sid["samples_per_s"] / best["samples_per_s"])  # fmt: skip
+    report = (out / "bench.md").read_text()
+    assert f"| 2 | {best['scheme']}, M={best['microbatches']} |" in report
+    assert f"**{h['ratio_equal_update']:.2f}**" in report and "Held equal" in report
+    # the schedule whose constraint fails is listed, with the reason, not run
+    (skipped,) = [r for r in result["rows"] if r.get("skipped")]
+    assert skipped["scheme"] == "dualpipev" and "microbatches >= 2 * pipeline.stages" in report
+    zbv = next(r for r in ran if r["scheme"] == "zbv")
+    assert zbv["stages_per_rank"] == 2 and zbv["bytes_backward_per_sample"] > 0
+
+
+@pytest.mark.multiprocess
 def test_numbers_consistent(bench_result):
     _, result, _ = bench_result
-    rows = {r["scheme"]: r for r in result["rows"]}
-    assert set(rows) == {"sid", "gpipe", "1f1b", "seq_sid", "seq_bp"}
+    rows = {r["scheme"]: r for r in result["rows"] if "samples_per_s" in r
+            and r["microbatches"] == 2}  # fmt: skip
+    assert set(rows) == {"sid", "gpipe", "1f1b", "zbv", "seq_sid", "seq_bp"}
     for r in rows.values():
         assert r["samples_per_s"] > 0
         assert r["samples_per_s_min"] <= r["samples_per_s"] <= r["samples_per_s_max"]
@@ -113,6 +143,7 @@ def test_time_to_accuracy_mode(tmp_path):
         "mode=tta",
         "target_accuracy=0.8",
         "schemes=[sid,gpipe]",
+        "bench.lrs=[0.001,0.003]",
         "data=digits",
         "model=mlp",
         "model.width=64",
@@ -126,14 +157,22 @@ def test_time_to_accuracy_mode(tmp_path):
     ]
     r = run_clean(cmd, tmp_path, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
-    rows = {x["scheme"]: x for x in json.loads((tmp_path / "bench.json").read_text())["rows"]}
-    assert set(rows) == {"sid", "gpipe"}
-    for row in rows.values():
+    result = json.loads((tmp_path / "bench.json").read_text())
+    rows = result["rows"]
+    # SID at equal update size (one message = B), BP at M=2; two learning rates each
+    assert sorted((x["scheme"], x["microbatches"], x["lr"]) for x in rows) == [
+        ("gpipe", 2, 0.001), ("gpipe", 2, 0.003), ("sid", 1, 0.001), ("sid", 1, 0.003)]
+    for row in rows:
         evals = row["evaluations"]
         assert len(evals) >= 3 and all("val_per_depth" in e and "train_s" in e for e in evals)
         hit = next(e for e in evals if e["val_per_depth"][-1] >= 0.8)  # the first one reaching it
         assert row["tta_train_s"] == hit["train_s"] and row["tta_step"] == hit["step"]
-    assert "train s to val acc >= target" in (tmp_path / "bench.md").read_text()
+    for sel in result["lr_selection"]:  # the rate chosen on validation, never on test
+        mine = [x for x in rows if x["scheme"] == sel["scheme"]]
+        best = max(mine, key=lambda x: x["best_val_accuracy"])
+        assert sel["chosen"]["lr"] == best["lr"] and len(sel["sweep"]) == 2
+    report = (tmp_path / "bench.md").read_text()
+    assert "Time to validation accuracy >= 0.8" in report and "The whole sweep" in report
 
 
 @pytest.mark.multiprocess

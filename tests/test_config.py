@@ -20,6 +20,19 @@ from sidpipe.errors import ConfigError
 from tests.conftest import run_cli
 
 
+def bp(batch: int = 64, **pipeline) -> Config:
+    return Config(method=Method.bp, pipeline=PipelineConfig(stages=2, **pipeline),
+                  train=TrainConfig(batch_size=batch))  # fmt: skip
+
+
+def test_multi_stage_schedules_default_to_two_stages_per_rank():
+    for schedule in Schedule:
+        cfg = bp(schedule=schedule, microbatches=4)
+        assert cfg.pipeline.stages_per_rank == (2 if schedule.multi_stage else 1)
+        assert cfg.stage_count == 2 * cfg.pipeline.stages_per_rank
+    assert Config(pipeline=PipelineConfig(stages=2)).stage_count == 2  # SID: one per rank
+
+
 @pytest.mark.parametrize(
     "build,message",
     [
@@ -31,8 +44,8 @@ from tests.conftest import run_cli
         (lambda: SIDConfig(alpha=1.5), "sid.alpha must be in [0, 1]"),
         (lambda: DataConfig(label_noise=1.0), "data.label_noise must be in [0, 1)"),
         (
-            lambda: PipelineConfig(stages=3, partition=[1]),
-            "must list pipeline.stages-1=2 cut points",
+            lambda: Config(pipeline=PipelineConfig(stages=3, partition=[1])),
+            "must list 2 cut points (one fewer than the 3 pipeline stages)",
         ),
         (
             lambda: Config(method=Method.bp, pipeline=PipelineConfig(stages=2, microbatches=3)),
@@ -54,6 +67,30 @@ from tests.conftest import run_cli
         (
             lambda: Config(method=Method.bp, pipeline=PipelineConfig(stages=2, host_headers=True)),
             "pipeline.host_headers=true applies to SID pipelines",
+        ),
+        (
+            lambda: bp(schedule=Schedule.zbv, stages_per_rank=3),
+            "pipeline.schedule=zbv places exactly 2 stages per rank in a V",
+        ),
+        (
+            lambda: bp(schedule=Schedule.dualpipev, microbatches=2),
+            "pipeline.schedule=dualpipev needs pipeline.microbatches >= 2 * pipeline.stages",
+        ),
+        (
+            lambda: bp(schedule=Schedule.interleaved_1f1b, microbatches=5, batch=60),
+            "needs pipeline.microbatches to be a multiple of its rounds max(1, M // S) = 2",
+        ),
+        (
+            lambda: bp(schedule=Schedule.gpipe, stages_per_rank=2),
+            "pipeline.schedule=gpipe runs one stage per rank",
+        ),
+        (
+            lambda: Config(pipeline=PipelineConfig(stages=2, stages_per_rank=2)),
+            "pipeline.stages_per_rank applies to BP pipelines",
+        ),
+        (
+            lambda: bp(schedule=Schedule.looped_bfs, stages_per_rank=2, partition=[1, 2]),
+            "must list 3 cut points (one fewer than the 4 pipeline stages)",
         ),
     ],
 )

@@ -101,7 +101,7 @@ def auto_partition(
     """Measure, balance, print; returns {cuts, block_step_ms, predicted_stage_ms}."""
     torch.set_num_threads(cfg.pipeline.threads)
     costs = profile_blocks(cfg, data, net, device)
-    cuts, predicted = best_cuts(costs, cfg.pipeline.stages, cfg.pipeline.auto_bandwidth_gbs * 1e9)
+    cuts, predicted = best_cuts(costs, cfg.stage_count, cfg.pipeline.auto_bandwidth_gbs * 1e9)
     ms = ", ".join(f"{c.seconds * 1e3:.2f}" for c in costs)
     log.info("pipeline.partition=auto: block step times [ms]: %s", ms)
     print(

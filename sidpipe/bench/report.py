@@ -12,7 +12,13 @@ matplotlib.use("Agg")  # files only, no display
 import matplotlib.pyplot as plt  # noqa: E402
 
 SCHEME_LABEL = {"sid": "SID pipeline", "gpipe": "GPipe (BP)", "1f1b": "1F1B (BP)",
-                "seq_sid": "sequential SID", "seq_bp": "sequential BP"}  # fmt: skip
+                "interleaved_1f1b": "Interleaved 1F1B (BP)", "looped_bfs": "Looped BFS (BP)",
+                "interleaved_zb": "Interleaved zero bubble (BP)", "zbv": "ZBV zero bubble (BP)",
+                "dualpipev": "DualPipeV (BP)", "seq_sid": "sequential SID",
+                "seq_bp": "sequential BP"}  # fmt: skip
+PIPELINES = ("sid", "gpipe", "1f1b", "interleaved_1f1b", "looped_bfs", "interleaved_zb", "zbv",
+             "dualpipev")  # fmt: skip
+BP = PIPELINES[1:]
 COLORS = {"forward": "#4c72b0", "backward+step": "#dd8452", "compute": "#4c72b0",
           "forward+backward": "#4c72b0", "step": "#8172b3", "send": "#55a868",
           "recv-wait": "#d9d9d9", "recv": "#a6cee3", "send-wait": "#c44e52",
@@ -23,79 +29,141 @@ def _mib(x: float) -> str:
     return f"{x / 2**20:.1f}"
 
 
+def _opt(r: dict[str, Any], key: str, fmt: str = "{:.2f}") -> str:
+    return fmt.format(r[key]) if r.get(key) is not None else ""
+
+
+def headline_lines(result: dict[str, Any], simulated: bool) -> list[str]:
+    """The two views of the headline, per S, and what is held equal."""
+    b = result["config"]["bench"]
+    tag = " (SIMULATED)" if simulated else ""
+    lines = [f"## Headline{tag}: SID against the fastest BP schedule", "",
+             "| S | fastest BP (schedule, M) | BP samples/s | SID, equal update size "
+             "(message = B) | ratio | SID at its fastest (message) | ratio |",
+             "|---|---|---|---|---|---|---|"]  # fmt: skip
+    for h in result.get("headline", []):
+        best, fast = h["best_bp"], h["sid_fastest"]
+        eq = "" if h["sid_equal_update"] is None else f"{h['sid_equal_update']:.0f}"
+        ratio = "" if h["ratio_equal_update"] is None else f"**{h['ratio_equal_update']:.2f}**"
+        lines.append(f"| {h['stages']} | {best['schedule']}, M={best['microbatches']} | "
+                     f"{best['samples_per_s']:.0f} | {eq} | {ratio} | "
+                     f"{fast['samples_per_s']:.0f} ({fast['message']} samples) | "
+                     f"{h['ratio_fastest']:.2f} |")  # fmt: skip
+    lines += [
+        "",
+        f"Held equal: the model and data, batch B={b['batch_size']}, the learning rate and "
+        "optimizer (the same for every scheme), the seed, threads and core pinning. The fastest"
+        " BP is the best samples/s over every schedule and M of the grid below. *Equal update "
+        "size*: SID sends messages of B samples and updates once per message, so both methods "
+        "make one optimizer step per B samples. *At its fastest*: SID at the message size that "
+        "gives it the most samples/s (smaller messages mean more updates per sample than BP, "
+        "so that view compares speed, not the same training). Partition: SID and the "
+        "one-stage-per-rank schedules use the same cuts; the multi-stage schedules cut the "
+        "model into S x stages_per_rank stages (uniform, or re-planned with partition=auto).",
+        "",
+    ]
+    return lines
+
+
+def grid_lines(rows: list[dict[str, Any]]) -> list[str]:
+    """Samples/s of every BP schedule and M (the grid the headline picks from)."""
+    ms = sorted({r["microbatches"] for r in rows if r["scheme"] in BP})
+    lines = ["## BP schedules, samples/s", "",
+             "| S | schedule | " + " | ".join(f"M={m}" for m in ms) + " |",
+             "|---|---|" + "---|" * len(ms)]  # fmt: skip
+    for s in sorted({r["stages"] for r in rows}):
+        for scheme in BP:
+            mine = {r["microbatches"]: r for r in rows
+                    if r["scheme"] == scheme and r["stages"] == s}  # fmt: skip
+            if not mine:
+                continue
+            cells = [_opt(mine[m], "samples_per_s", "{:.0f}") if m in mine and
+                     "samples_per_s" in mine[m] else ("n/a" if m in mine else "") for m in ms]
+            lines.append(f"| {s} | {scheme} | " + " | ".join(cells) + " |")  # fmt: skip
+    skipped = [r for r in rows if r.get("skipped")]
+    if skipped:
+        lines += ["", "n/a (not run, the schedule's constraint):"]
+        lines += [f"- {r['scheme']} S={r['stages']} M={r['microbatches']}: {r['skipped']}"
+                  for r in skipped]  # fmt: skip
+    return lines + [""]
+
+
+def tta_lines(result: dict[str, Any]) -> list[str]:
+    rows = [r for r in result["rows"] if "tta_target" in r]
+    target = rows[0]["tta_target"] if rows else None
+    lines = [f"## Time to validation accuracy >= {target}", "",
+             "Each method at its best learning rate, chosen by mean best validation accuracy "
+             "over the seeds (never by test); time and samples to the target are means over "
+             "seeds, shown only when every seed reached it.", "",
+             "| scheme | S | M | chosen lr | seeds | train s to target | samples to target | "
+             "best val | test at best val |", "|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+    for sel in result.get("lr_selection", []):
+        c = sel["chosen"]
+        lines.append(f"| {SCHEME_LABEL[sel['scheme']]} | {sel['stages']} | "
+                     f"{sel['microbatches']} | {c['lr']} | {c['seeds']} | "
+                     f"{_opt(c, 'tta_train_s', '{:.1f}') or 'not reached'} | "
+                     f"{_opt(c, 'tta_samples', '{:.0f}')} | {c['best_val_accuracy']:.4f} | "
+                     f"{c['test_at_best_val']:.4f} |")  # fmt: skip
+    lines += ["", "The whole sweep:", "",
+              "| scheme | S | M | lr | seeds reached | train s to target | best val |",
+              "|---|---|---|---|---|---|---|"]  # fmt: skip
+    for sel in result.get("lr_selection", []):
+        for x in sel["sweep"]:
+            lines.append(f"| {sel['scheme']} | {sel['stages']} | {sel['microbatches']} | "
+                         f"{x['lr']} | {x['reached']}/{x['seeds']} | "
+                         f"{_opt(x, 'tta_train_s', '{:.1f}')} | {x['best_val_accuracy']:.4f} |")
+    return lines + [""]
+
+
 def markdown(result: dict[str, Any]) -> str:
     rows = result["rows"]
     lines = [f"Command: `{result['command']}`  ", f"Machine: {result['machine']} "
              f"({result['versions']['processor']}), torch {result['versions']['torch']}, "
              f"{result['date']}", ""]  # fmt: skip
-    if rows and "tta_target" in rows[0]:
-        lines += [
-            "| scheme | S | M | train s to val acc >= target | samples seen | test acc "
-            "| best val |",
-            "|---|---|---|---|---|---|---|",
-        ]
-        for r in rows:
-            tta = "not reached" if r["tta_train_s"] is None else f"{r['tta_train_s']:.1f}"
-            seen = "" if r["tta_step"] is None else r["tta_step"] * r["batch_size"]
-            test = "" if r["tta_test_accuracy"] is None else f"{r['tta_test_accuracy']:.4f}"
-            best = "" if r["best_val_accuracy"] is None else f"{r['best_val_accuracy']:.4f}"
-            lines.append(f"| {SCHEME_LABEL[r['scheme']]} | {r['stages']} | {r['microbatches']} | "
-                         f"{tta} | {seen} | {test} | {best} |")  # fmt: skip
-        return "\n".join(lines) + "\n"
-    if rows and rows[0].get("simulated"):
-        lines += [
-            "**SIMULATED** S-device pipelines from per-stage times measured on one "
-            f"{rows[0]['device']} device (communication not modelled).",
-            "",
-            "| scheme | S | M | samples/s (simulated) | efficiency | SID/GPipe | SID/1F1B |",
-            "|---|---|---|---|---|---|---|",
-        ]
-        for r in rows:
-
-            def sim(key: str, r: dict[str, Any] = r) -> str:
-                return f"{r[key]:.2f}" if r.get(key) is not None else ""
-
-            lines.append(
-                f"| {SCHEME_LABEL[r['scheme']]} | {r['stages']} | {r['microbatches']} | "
-                f"{r['samples_per_s']:.0f} | {sim('efficiency')} | {sim('ratio_vs_gpipe')} | "
-                f"{sim('ratio_vs_1f1b')} |"
-            )
-        lines += [
-            "",
-            "Measured per-stage times [ms]; step ratio = SID step (forward + update) / BP "
-            "(forward + backward) of the same stage and message size:",
-        ]
-        for r in rows:
-            if r["scheme"] != "sid":
+    if any("tta_target" in r for r in rows):
+        return "\n".join(lines + tta_lines(result))
+    simulated = any(r.get("simulated") for r in rows)
+    if simulated:
+        device = next(r.get("device", "") for r in rows if r.get("simulated"))
+        lines += ["**SIMULATED** S-device pipelines from per-stage times measured on one "
+                  f"{device} device; every number in this file is simulated.", ""]  # fmt: skip
+    lines += headline_lines(result, simulated) + grid_lines(rows)
+    ran = [r for r in rows if "samples_per_s" in r]
+    lines += [
+        "## Every run" + (" (SIMULATED)" if simulated else ""), "",
+        "M: BP microbatches per batch of B; SID messages of B/M samples (M=1: one message of B)."
+        " SID/best BP at M: against the fastest schedule at the same M.", "",
+        "| scheme | S | M | samples/s median [min–max] | efficiency | SID/best BP at M | "
+        "bubble measured | bubble textbook | fwd B/sample | bwd B/sample | tensor MiB/stage |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]  # fmt: skip
+    for r in ran:
+        ratios = [v for k, v in r.items() if k.startswith("ratio_vs_")]
+        vs_best = f"{min(ratios):.2f}" if ratios else ""
+        spread = (f" [{r['samples_per_s_min']:.0f}–{r['samples_per_s_max']:.0f}]"
+                  if "samples_per_s_min" in r else "")  # fmt: skip
+        mem = "/".join(_mib(x) for x in r.get("peak_tensor_memory_bytes", []))
+        lines.append(
+            f"| {SCHEME_LABEL[r['scheme']]} | {r['stages'] if r['scheme'] in PIPELINES else 1} | "
+            f"{r['microbatches']} | {r['samples_per_s']:.0f}{spread} | {_opt(r, 'efficiency')} | "
+            f"{vs_best} | {_opt(r, 'bubble')} | {_opt(r, 'textbook_bubble')} | "
+            f"{_opt(r, 'bytes_forward_per_sample', '{:.0f}')} | "
+            f"{_opt(r, 'bytes_backward_per_sample', '{:.0f}')} | {mem} |"
+        )  # fmt: skip
+    if simulated:
+        lines += ["", "Measured per-stage times [ms]; step ratio = SID step (forward + update) / "
+                  "BP (forward + backward) of the same stage and message size:"]  # fmt: skip
+        for r in ran:
+            if r["scheme"] != "sid" or not r.get("stage_times_ms"):
                 continue
             lines += ["", f"S={r['stages']}, M={r['microbatches']}, cuts {r.get('partition')}:"]
             for i, t in enumerate(r["stage_times_ms"]):
-                ratio = (t["sid_forward"] + t["sid_update"]) / (t["bp_forward"] + t["bp_backward"])
-                lines.append(
-                    f"- stage {i}: " + ", ".join(f"{k} {v:.2f}" for k, v in t.items())
-                    + f"; step ratio {ratio:.2f}"
-                )  # fmt: skip
+                bp = t["bp_forward"] + t.get("bp_backward",
+                                             t.get("bp_input_grad", 0) + t.get("bp_weight_grad", 0))
+                ratio = (t["sid_forward"] + t["sid_update"]) / bp
+                lines.append(f"- stage {i}: " + ", ".join(f"{k} {v:.2f}" for k, v in t.items())
+                             + f"; step ratio {ratio:.2f}")  # fmt: skip
         return "\n".join(lines) + "\n"
-    lines += [
-        "| scheme | S | M | samples/s median [min–max] | efficiency | SID/GPipe | SID/1F1B | "
-        "bubble measured | bubble textbook | fwd B/sample | bwd B/sample | tensor MiB/stage |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
-    ]
-    for r in rows:
-
-        def opt(key: str, fmt: str = "{:.2f}", r: dict[str, Any] = r) -> str:
-            return fmt.format(r[key]) if r.get(key) is not None else ""
-
-        pipe = r["scheme"] in ("sid", "gpipe", "1f1b")
-        lines.append(
-            f"| {SCHEME_LABEL[r['scheme']]} | {r['stages'] if pipe else 1} | {r['microbatches']} | "
-            f"{r['samples_per_s']:.0f} "
-            f"[{r['samples_per_s_min']:.0f}–{r['samples_per_s_max']:.0f}] | "
-            f"{opt('efficiency')} | {opt('ratio_vs_gpipe')} | {opt('ratio_vs_1f1b')} | "
-            f"{r['bubble']:.2f} | {opt('textbook_bubble')} | {r['bytes_forward_per_sample']:.0f} | "
-            f"{r['bytes_backward_per_sample']:.0f} | "
-            f"{'/'.join(_mib(x) for x in r['peak_tensor_memory_bytes'])} |"
-        )
     lines += [
         "",
         "tensor MiB/stage: peak memory of parameters, gradients, optimizer state and activations"
@@ -106,8 +174,8 @@ def markdown(result: dict[str, Any]) -> str:
         "BP counts every receive as recv-wait):",
         "",
     ]
-    for r in rows:
-        if r["scheme"] in ("sid", "gpipe", "1f1b"):
+    for r in ran:
+        if r["scheme"] in PIPELINES and "per_stage" in r:
             parts = ", ".join(f"stage {st['stage']}: {st['busy']:.2f} / {st['recv_wait']:.2f} / "
                               f"{st['recv']:.2f} / {st['send_wait']:.2f}"
                               for st in r["per_stage"])  # fmt: skip
@@ -123,7 +191,7 @@ def plot_sweeps(rows: list[dict[str, Any]], out: Path) -> list[Path]:
         other = "microbatches" if axis == "stages" else "stages"
         fig, ax = plt.subplots(figsize=(6, 4))
         for scheme in SCHEME_LABEL:
-            mine = [r for r in rows if r["scheme"] == scheme]
+            mine = [r for r in rows if r["scheme"] == scheme and "samples_per_s" in r]
             for fixed in sorted({r[other] for r in mine}):
                 pts = sorted((r[axis], r["samples_per_s"]) for r in mine if r[other] == fixed)
                 if pts:
@@ -147,7 +215,7 @@ def plot_sweeps(rows: list[dict[str, Any]], out: Path) -> list[Path]:
 
 
 def plot_utilisation(rows: list[dict[str, Any]], out: Path) -> Path:
-    pipes = [r for r in rows if r["scheme"] in ("sid", "gpipe", "1f1b")]
+    pipes = [r for r in rows if r["scheme"] in PIPELINES and "per_stage" in r]
     fig, ax = plt.subplots(figsize=(7, 0.5 + 0.35 * sum(len(r["per_stage"]) for r in pipes)))
     labels, y = [], 0
     for r in pipes:
@@ -220,17 +288,15 @@ def write_outputs(result: dict[str, Any], out: Path) -> list[Path]:
     paths = [out / "bench.md"]
     if rows and rows[0].get("simulated"):
         paths += plot_sweeps(rows, out)
-    elif rows and "samples_per_s" in rows[0]:
+    elif any("samples_per_s" in r for r in rows):
         paths += plot_sweeps(rows, out)
         paths.append(plot_utilisation(rows, out))
         # SID and GPipe of each (S, M) on one time scale: three GPipe batches wide.
-        for gp in (r for r in rows if r["scheme"] == "gpipe"):
+        for gp in (r for r in rows if r["scheme"] == "gpipe" and "samples_per_s" in r):
             width = 3 * gp["batch_size"] / gp["samples_per_s"] * 1e6
             for r in rows:
-                if r["scheme"] in ("sid", "gpipe") and (r["stages"], r["microbatches"]) == (
-                    gp["stages"],
-                    gp["microbatches"],
-                ):
+                same = (r["stages"], r["microbatches"]) == (gp["stages"], gp["microbatches"])
+                if r["scheme"] in ("sid", "gpipe") and "run_dir" in r and same:
                     p = plot_timeline(r, out, span_us=width)
                     if p is not None:
                         paths.append(p)

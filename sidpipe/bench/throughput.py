@@ -1,15 +1,19 @@
-"""`sidpipe bench`: SID vs GPipe vs 1F1B (and the sequential references), side by side.
+"""`sidpipe bench`: SID vs every BP pipeline schedule (and the sequential references).
 
-For one model and partition, every (S, M) of the sweep runs, in this one invocation:
-  sid     the SID pipeline, messages of B/M samples (kernels see BP's microbatch)
-  gpipe   GPipe backprop pipeline, batch B in M microbatches
-  1f1b    1F1B backprop pipeline, same work
-  seq_sid the single-process sequential SID reference on the same messages
-  seq_bp  single-process BP with gradient accumulation over the same M microbatches
-Every run records a Chrome trace; all numbers below are computed from it: steady-state
-samples/s (warm-up left out; the median of several windows, with min and max), per-stage
-busy / recv-wait / send-wait fractions (the measured bubble), efficiency against S times the
-sequential throughput of the same method, and the SID/GPipe and SID/1F1B ratios.
+For one model, every S and M of the sweep runs, in this one invocation:
+  sid       the SID pipeline, messages of B/M samples (kernels see BP's microbatch), and of B
+            samples (M=1): one update per B samples, as BP (the equal-update headline)
+  <schedule> each BP schedule of torch.distributed.pipelining (gpipe, 1f1b, interleaved_1f1b,
+            looped_bfs, interleaved_zb, zbv, dualpipev): batch B in M microbatches; the
+            multi-stage ones hold pipeline.stages_per_rank (default 2) stages per rank
+  seq_sid   the single-process sequential SID reference on the same messages
+  seq_bp    single-process BP with gradient accumulation over the same M microbatches
+A (scheme, S, M) whose constraints are not met is listed with the reason, not run. Every run
+records a Chrome trace; all numbers come from it: steady-state samples/s (warm-up left out;
+the median of several windows, with min and max), per-stage busy / recv-wait / send-wait
+fractions (the measured bubble), efficiency against S times the sequential throughput of the
+same method, SID against each schedule at the same M, and the headline per S: SID at equal
+update size (M=1) and at its fastest message size, each against the fastest BP (schedule, M).
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ import json
 import logging
 import os
 import platform
+import shutil
 import statistics
 import sys
 from dataclasses import dataclass
@@ -28,25 +33,24 @@ from typing import Any
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from sidpipe import drivers
-from sidpipe.bench.balance import auto_partition, plan_partition
+from sidpipe.bench.balance import plan_partition
 from sidpipe.bench.report import markdown, write_outputs
-from sidpipe.bench.simulate import measure_stage_times, simulate
+from sidpipe.bench.simulate import simulated_rows
 from sidpipe.config import CONF_DIR, Config, Method, Schedule, Variant, to_config, to_dict
-from sidpipe.data import load_data
-from sidpipe.errors import SidpipeError, fail
-from sidpipe.models import build_net
-from sidpipe.runtime.device import select_device, set_threads
+from sidpipe.errors import ConfigError, SidpipeError, fail
 from sidpipe.runtime.io import atomic_write_json
 
 log = logging.getLogger("sidpipe.bench")
 
 BARE_KEYS = ("mode", "target_accuracy", "eval_every", "max_epochs", "schemes")
+BP_SCHEMES = tuple(s.value for s in Schedule)
+PIPELINES = ("sid", *BP_SCHEMES)
 # Span names of the runners' traces, by category.
 BUSY = {"forward", "backward+step", "compute", "forward+backward", "step", "train-seq"}
-BUSY |= {"backward", "loss", "optimizer"}  # the BP runner's clock states (pipeline/bp.py)
+BUSY |= {"backward", "loss", "optimizer"}  # the BP runner's clock states (drivers/bp.py)
 RECV_WAIT = {"recv-wait"}  # idle: nothing has arrived (BP: every receive wait counts here)
 RECV = {"recv"}  # SID: header in, payload moving (a copy the core does; see transport.py)
 SEND = {"send", "send-wait"}
@@ -57,20 +61,30 @@ class Case:
     scheme: str
     stages: int
     microbatches: int
-    cfg: Config
+    cfg: Config | None  # None: not runnable, see `skipped`
+    skipped: str = ""
+    lr: float | None = None
+    seed: int | None = None
 
 
-def scheme_config(base: Config, scheme: str, stages: int, m: int) -> Config | None:
-    """The run of one scheme; None where it does not apply (1F1B needs M >= S)."""
+def revalidate(cfg: Config) -> Config:
+    """Rebuild a changed config so every check runs again (the bench edits copies)."""
+    return to_config(OmegaConf.structured(cfg))
+
+
+def scheme_config(base: Config, scheme: str, stages: int, m: int) -> Config:
+    """The run of one scheme; ConfigError where the scheme's constraints are not met."""
     b = base.bench
-    if scheme == "1f1b" and m < stages:
-        return None
     cfg = copy.deepcopy(base)
     sid = scheme in ("sid", "seq_sid")
     cfg.method = Method.sid if sid else Method.bp
     cfg.sid.variant = Variant.blockwise
-    cfg.pipeline.stages = stages if scheme in ("sid", "gpipe", "1f1b") else 1
-    cfg.pipeline.schedule = Schedule.onef1b if scheme == "1f1b" else Schedule.gpipe
+    cfg.pipeline.stages = stages if scheme in PIPELINES else 1
+    cfg.pipeline.schedule = Schedule(scheme) if scheme in BP_SCHEMES else Schedule.gpipe
+    cfg.pipeline.stages_per_rank = None  # each schedule's default
+    if scheme in BP_SCHEMES and Schedule(scheme).multi_stage and stages > 1:
+        # a finer cut (S * stages_per_rank stages): the SID cuts do not apply; auto re-plans
+        cfg.pipeline.partition = "auto" if cfg.pipeline.partition == "auto" else None
     cfg.pipeline.microbatches = 1 if sid else m
     cfg.pipeline.trace = True
     cfg.train.batch_size = b.batch_size // m if sid else b.batch_size
@@ -85,18 +99,35 @@ def scheme_config(base: Config, scheme: str, stages: int, m: int) -> Config | No
         cfg.train.eval_every_steps = b.eval_every * (m if sid else 1)
         cfg.train.eval_every_epoch = False
         cfg.data.val_fraction = cfg.data.val_fraction or 0.1
-    return cfg
+    return revalidate(cfg)
 
 
 def cases(base: Config) -> list[Case]:
+    """The sweep. SID also runs at M=1 (messages of B samples; in tta mode only there, the
+    equal update size); tta mode also sweeps bench.lrs x bench.seeds."""
     out = []
     b = base.bench
+    lrs = b.lrs or [None]
+    seeds = b.seeds or [None]
     for s in b.stages:
-        for m in b.microbatches:
-            for scheme in b.schemes:
-                cfg = scheme_config(base, scheme, s, m)
-                if cfg is not None:
-                    out.append(Case(scheme, s, m, cfg))
+        for scheme in b.schemes:
+            grid = b.microbatches
+            if scheme in ("sid", "seq_sid"):  # tta: SID at equal update size only
+                grid = [1] if b.mode == "tta" else sorted({1, *b.microbatches})
+            for m in grid:
+                for lr in lrs:
+                    for seed in seeds:
+                        c = copy.deepcopy(base)
+                        if lr is not None:
+                            c.optim.lr = lr
+                        if seed is not None:
+                            c.seed = seed
+                        try:
+                            cfg: Config | None = scheme_config(c, scheme, s, m)
+                            skipped = ""
+                        except ConfigError as e:
+                            cfg, skipped = None, str(e)
+                        out.append(Case(scheme, s, m, cfg, skipped, lr, seed))
     return out
 
 
@@ -168,20 +199,29 @@ def out_dir(cfg: Config, run_dir: Path) -> Path:
 
 
 def run_case(case: Case, runs_dir: Path) -> dict[str, Any]:
+    row: dict[str, Any] = {"scheme": case.scheme, "stages": case.stages,
+                           "microbatches": case.microbatches}  # fmt: skip
+    if case.lr is not None or case.seed is not None:
+        row.update(lr=case.lr, seed=case.seed)
+    if case.cfg is None:
+        log.info("bench: %s S=%d M=%d not run: %s", case.scheme, case.stages,
+                 case.microbatches, case.skipped)  # fmt: skip
+        return {**row, "skipped": case.skipped}
     name = f"{case.scheme}-S{case.stages}-M{case.microbatches}"
+    if case.lr is not None:
+        name += f"-lr{case.lr:g}"
+    if case.seed is not None:
+        name += f"-seed{case.seed}"
     run_dir = runs_dir / name
+    shutil.rmtree(run_dir, ignore_errors=True)  # the bench's own: a rerun measures anew
     log.info("bench: running %s", name)
     summary = drivers.run(case.cfg, run_dir, planner=plan_partition)
     trace = json.loads((run_dir / "trace.json").read_text())
     m = case.microbatches if case.scheme in ("sid", "seq_sid") else 1
     b = case.cfg.bench
-    row: dict[str, Any] = {
-        "scheme": case.scheme,
-        "stages": case.stages,
-        "microbatches": m and case.microbatches,
-        "run_dir": str(run_dir),
-        "batch_size": case.cfg.train.batch_size,
-    }
+    row.update(run_dir=str(run_dir), batch_size=case.cfg.train.batch_size,
+               stages_per_rank=case.cfg.pipeline.stages_per_rank,
+               partition=case.cfg.pipeline.partition)  # fmt: skip
     if b.mode == "throughput":
         row.update(analyze(trace, b.warmup * m, b.windows))
     samples = summary["steps"] * case.cfg.train.batch_size
@@ -197,41 +237,101 @@ def run_case(case: Case, runs_dir: Path) -> dict[str, Any]:
     return row
 
 
+def _find(rows: list[dict[str, Any]], scheme: str, s: int, m: int) -> dict[str, Any] | None:
+    return next((r for r in rows if (r["scheme"], r["stages"], r["microbatches"]) == (scheme, s, m)
+                 and "samples_per_s" in r), None)  # fmt: skip
+
+
 def add_ratios(rows: list[dict[str, Any]]) -> None:
-    """Efficiency vs S x sequential of the same method; SID vs the BP schedules."""
-
-    def find(scheme: str, s: int, m: int) -> dict[str, Any] | None:
-        return next(
-            (r for r in rows if (r["scheme"], r["stages"], r["microbatches"]) == (scheme, s, m)),
-            None,
-        )
-
+    """Efficiency vs S x sequential of the same method; SID vs each BP schedule at the same M."""
     for r in rows:
         if "samples_per_s" not in r:
             continue
         s, m = r["stages"], r["microbatches"]
-        seq = find("seq_sid" if r["scheme"] == "sid" else "seq_bp", s, m)
-        if r["scheme"] in ("sid", "gpipe", "1f1b") and seq is not None:
+        seq = _find(rows, "seq_sid" if r["scheme"] == "sid" else "seq_bp", s, m)
+        if r["scheme"] in PIPELINES and seq is not None:
             r["efficiency"] = r["samples_per_s"] / (s * seq["samples_per_s"])
         if r["scheme"] in ("gpipe", "1f1b"):
             r["textbook_bubble"] = (s - 1) / (m + s - 1)
         if r["scheme"] == "sid":
-            for bp in ("gpipe", "1f1b"):
-                other = find(bp, s, m)
+            for bp in BP_SCHEMES:
+                other = _find(rows, bp, s, m)
                 if other is not None:
                     r[f"ratio_vs_{bp}"] = r["samples_per_s"] / other["samples_per_s"]
 
 
+def headline(rows: list[dict[str, Any]], batch: int) -> list[dict[str, Any]]:
+    """Per S: the fastest BP (schedule, M) of the grid; SID at equal update size (one
+    message = B samples, one update per B samples like BP) and SID at its fastest message
+    size, each as a ratio to that BP."""
+    out = []
+    for s in sorted({r["stages"] for r in rows}):
+        done = [r for r in rows if r["stages"] == s and "samples_per_s" in r]
+        bp = [r for r in done if r["scheme"] in BP_SCHEMES]
+        sid = [r for r in done if r["scheme"] == "sid"]
+        if not bp or not sid:
+            continue
+        best = max(bp, key=lambda r: r["samples_per_s"])
+        equal = next((r for r in sid if r["microbatches"] == 1), None)
+        fastest = max(sid, key=lambda r: r["samples_per_s"])
+        out.append({
+            "stages": s,
+            "best_bp": {"schedule": best["scheme"], "microbatches": best["microbatches"],
+                        "samples_per_s": best["samples_per_s"]},
+            "bp_grid": {f"{r['scheme']} M={r['microbatches']}": r["samples_per_s"] for r in bp},
+            "sid_equal_update": None if equal is None else equal["samples_per_s"],
+            "ratio_equal_update": None if equal is None
+            else equal["samples_per_s"] / best["samples_per_s"],
+            "sid_fastest": {"message": batch // fastest["microbatches"], "microbatches":
+                            fastest["microbatches"], "samples_per_s": fastest["samples_per_s"]},
+            "ratio_fastest": fastest["samples_per_s"] / best["samples_per_s"],
+        })  # fmt: skip
+    return out
+
+
 def time_to_accuracy(rows: list[dict[str, Any]], target: float) -> None:
     for r in rows:
+        if "evaluations" not in r:
+            continue
         hit = next((e for e in r["evaluations"] if e["val_per_depth"][-1] >= target), None)
         r["tta_target"] = target
         r["tta_train_s"] = hit["train_s"] if hit else None
         r["tta_step"] = hit["step"] if hit else None
-        r["tta_test_accuracy"] = hit["test_per_depth"][-1] if hit else None
-        r["best_val_accuracy"] = max(
-            (e["val_per_depth"][-1] for e in r["evaluations"]), default=None
-        )
+        r["tta_samples"] = hit["step"] * r["batch_size"] if hit else None
+        best = max(r["evaluations"], key=lambda e: e["val_per_depth"][-1], default=None)
+        r["best_val_accuracy"] = best["val_per_depth"][-1] if best else None
+        # the test accuracy at the evaluation validation chose (never selected on test)
+        r["test_at_best_val"] = best["test_per_depth"][-1] if best else None
+
+
+def lr_selection(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """tta mode: per (scheme, S, M), each learning rate's mean over seeds, and the rate
+    chosen by mean best validation accuracy (selection on validation, never on test)."""
+    out = []
+    keys = sorted({(r["scheme"], r["stages"], r["microbatches"]) for r in rows
+                   if "best_val_accuracy" in r})  # fmt: skip
+    for scheme, s, m in keys:
+        mine = [r for r in rows if (r["scheme"], r["stages"], r["microbatches"]) == (scheme, s, m)
+                and "best_val_accuracy" in r]  # fmt: skip
+        per_lr = []
+        for lr in sorted({r.get("lr") for r in mine}, key=lambda x: (x is None, x or 0)):
+            runs = [r for r in mine if r.get("lr") == lr]
+            reached = [r for r in runs if r["tta_train_s"] is not None]
+
+            def mean(key: str, rs: list[dict[str, Any]] = reached) -> float | None:
+                return statistics.mean(r[key] for r in rs) if rs else None
+
+            per_lr.append({
+                "lr": lr, "seeds": len(runs), "reached": len(reached),
+                "best_val_accuracy": statistics.mean(r["best_val_accuracy"] for r in runs),
+                "test_at_best_val": statistics.mean(r["test_at_best_val"] for r in runs),
+                "tta_train_s": mean("tta_train_s") if len(reached) == len(runs) else None,
+                "tta_samples": mean("tta_samples") if len(reached) == len(runs) else None,
+            })  # fmt: skip
+        chosen = max(per_lr, key=lambda x: x["best_val_accuracy"])
+        out.append({"scheme": scheme, "stages": s, "microbatches": m, "chosen": chosen,
+                    "sweep": per_lr})  # fmt: skip
+    return out
 
 
 def versions() -> dict[str, str]:
@@ -246,32 +346,6 @@ def versions() -> dict[str, str]:
     }
 
 
-def simulated_rows(cfg: Config) -> list[dict[str, Any]]:
-    """SIMULATED S-device pipelines from per-stage times measured on this one device."""
-    set_threads(cfg, 0)  # this process only measures: no stages are spawned after it
-    device = select_device(cfg)
-    data = load_data(cfg.data, cfg.seed)
-    rows = []
-    for s in cfg.bench.stages:
-        for m in cfg.bench.microbatches:
-            c = copy.deepcopy(cfg)
-            c.pipeline.stages = s
-            if c.pipeline.partition == "auto":  # balanced on this device, as a real run would
-                c.train.batch_size = c.bench.batch_size // m  # profiled at the message size
-                c.pipeline.partition = auto_partition(c, data, build_net(c, data), device)["cuts"]
-            times = measure_stage_times(
-                c, data, build_net(c, data), device, c.bench.batch_size // m
-            )
-            sim = simulate(times, c.bench.batch_size, m)
-            for scheme in ("sid", "gpipe", "1f1b", "seq_sid", "seq_bp"):
-                rows.append({"scheme": scheme, "stages": s, "microbatches": m, "simulated": True,
-                             "partition": c.pipeline.partition,
-                             "device": str(device), "samples_per_s": sim[f"{scheme}_samples_per_s"],
-                             "stage_times_ms": [{k: v * 1e3 for k, v in vars(t).items()}
-                                                for t in times]})  # fmt: skip
-    return rows
-
-
 def run_bench(cfg: Config, command: list[str], run_dir: Path) -> dict[str, Any]:
     out = out_dir(cfg, run_dir)
     runs_dir = out / "runs"
@@ -279,10 +353,13 @@ def run_bench(cfg: Config, command: list[str], run_dir: Path) -> dict[str, Any]:
         rows = simulated_rows(cfg)
     else:
         rows = [run_case(c, runs_dir) for c in cases(cfg)]
+    extra: dict[str, Any] = {}
     if cfg.bench.mode in ("throughput", "simulate"):
         add_ratios(rows)
+        extra["headline"] = headline(rows, cfg.bench.batch_size)
     elif cfg.bench.mode == "tta":
         time_to_accuracy(rows, cfg.bench.target_accuracy)
+        extra["lr_selection"] = lr_selection(rows)
     result = {
         "command": " ".join(command),
         "date": dt.datetime.now().isoformat(timespec="seconds"),
@@ -290,6 +367,7 @@ def run_bench(cfg: Config, command: list[str], run_dir: Path) -> dict[str, Any]:
         "versions": versions(),
         "config": to_dict(cfg),
         "rows": rows,
+        **extra,
     }
     atomic_write_json(out / "bench.json", result)
     write_outputs(result, out)

@@ -1,9 +1,11 @@
-"""The backprop baseline pipeline: GPipe / 1F1B from `torch.distributed.pipelining`.
+"""The backprop baseline pipeline: every schedule `torch.distributed.pipelining` ships.
 
-One process per stage, each hosting a `PipelineStage` over the same contiguous blocks the SID
-pipeline uses (`partition_blocks`); the last stage also runs the final head (fed the uniform
-prior) and the loss. The engine decides the order of forwards, backwards and p2p ops; this
-module only feeds it, steps the optimizer once per batch, evaluates, and measures.
+One process per rank, each hosting one `PipelineStage` (gpipe, 1f1b) or several
+(`pipeline.stages_per_rank`: looped placement for interleaved_1f1b, looped_bfs and
+interleaved_zb, V-shaped for zbv and dualpipev) over contiguous blocks (`partition_blocks`
+over pipeline.stages * stages_per_rank stages); the last stage also runs the final head
+(fed the uniform prior) and the loss. The engine decides the order of forwards, backwards
+and p2p ops; this module only feeds it, steps the optimizer once per batch, evaluates, and measures.
 
 Choices (see the report in the README):
 - Full batches only: the schedules need every microbatch to have the shape of the first, so the
@@ -12,8 +14,9 @@ Choices (see the report in the README):
   step for step the single-process `Backprop` trainer with gradient accumulation.
 - Loss = cross_entropy / M per microbatch with `scale_grads=False`: the same gradient, computed
   in the same order, as `Backprop.step`'s `(loss / m).backward()`.
-- Rank 0 feeds the inputs; the last rank feeds the targets from its own copy of the data order
-  (labels only), so no label traffic crosses the pipeline.
+- The rank holding stage 0 feeds the inputs; the rank holding the last stage (rank S-1, or
+  rank 0 in a V) feeds the targets from its own copy of the data order (labels only), so no
+  label traffic crosses the pipeline.
 - Evaluation: forward only through the stages, as EVAL / EVAL_END messages of the SID
   runner's own codec (runtime/transport.py) on a separate process group; the last stage
   counts the hits.
@@ -39,7 +42,16 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe
+from torch.distributed.pipelining import (
+    PipelineStage,
+    Schedule1F1B,
+    ScheduleDualPipeV,
+    ScheduleGPipe,
+    ScheduleInterleaved1F1B,
+    ScheduleInterleavedZeroBubble,
+    ScheduleLoopedBFS,
+    ScheduleZBVZeroBubble,
+)
 
 from sidpipe.config import Config, Schedule
 from sidpipe.data import Batches, DataBundle, eval_splits, train_batches
@@ -53,6 +65,25 @@ from sidpipe.runtime.dist import DistContext
 from sidpipe.runtime.io import save_state
 from sidpipe.runtime.trace import Span, Tracer
 from sidpipe.runtime.transport import Kind, Message, Transport
+
+SCHEDULES = {
+    Schedule.gpipe: ScheduleGPipe,
+    Schedule.onef1b: Schedule1F1B,
+    Schedule.interleaved_1f1b: ScheduleInterleaved1F1B,
+    Schedule.looped_bfs: ScheduleLoopedBFS,
+    Schedule.interleaved_zb: ScheduleInterleavedZeroBubble,
+    Schedule.zbv: ScheduleZBVZeroBubble,
+    Schedule.dualpipev: ScheduleDualPipeV,
+}
+
+
+def stage_ids(schedule: Schedule, rank: int, world: int, per_rank: int) -> list[int]:
+    """The pipeline stages rank `rank` holds, ascending: looped (r, r+S, r+2S, ...) or, for
+    the V schedules, r and 2S-1-r (so rank 0 holds the first and the last stage)."""
+    if schedule.v_shape:
+        return sorted([rank, 2 * world - 1 - rank])
+    return [rank + k * world for k in range(per_rank)]
+
 
 # Busy as in the SID runner: compute, not data preparation; "data" is neither busy nor waiting.
 BUSY = (Span.FORWARD, Span.BACKWARD, Span.LOSS, Span.OPTIMIZER, Span.EVAL)
@@ -191,6 +222,14 @@ class CountingStage(PipelineStage):
         finally:
             self.clock.enter(Span.SEND_WAIT)
 
+    def backward_weight_one_chunk(self, *args: Any, **kwargs: Any) -> None:
+        """Zero-bubble schedules: the weight-gradient half of a backward."""
+        self.clock.enter(Span.BACKWARD)
+        try:
+            return super().backward_weight_one_chunk(*args, **kwargs)
+        finally:
+            self.clock.enter(Span.SEND_WAIT)
+
 
 class BPStageRunner(StageRunner):
     def __init__(self, ctx: DistContext, cfg: Config, run_dir: Path):
@@ -201,36 +240,54 @@ class BPStageRunner(StageRunner):
                 "which gloo cannot do for CUDA tensors: use pipeline.transport=nccl (or auto), "
                 "or device=cpu"
             )
+        pipe = cfg.pipeline
         self.clock = Clock(self.tracer)
         self.per_epoch = steps_per_epoch(cfg, self.data, drop_last=True)
         self.n_steps = total_steps(cfg, self.data, drop_last=True)
         self.dropped = len(self.data.train) - self.per_epoch * cfg.train.batch_size
-        self.m = cfg.pipeline.microbatches
+        self.m = pipe.microbatches
+        self.n_stages = cfg.stage_count
+        mine = stage_ids(pipe.schedule, ctx.rank, ctx.world, pipe.stages_per_rank or 1)
+        self.first, self.last = 0 in mine, self.n_stages - 1 in mine
         # the first stage keeps the images on its device (before the memory baseline)
         self.train_batches = train_batches(
             cfg, self.data, ctx.device if self.first else None, drop_last=True
         )
-        stage = self.build_stage(check=lambda net: check_bp_layout(cfg, self.data, net))
-        self.memory.attach(stage.blocks)
-        self.module = BPStageModule(stage, cfg, ctx.device, self.fault).to(ctx.device)
-        params = [p for b in stage.blocks for p in b.parameters()]
-        if stage.is_last:
-            params += list(stage.heads[-1].parameters())
+        stages = self.build_stages(mine, check=lambda net: check_bp_layout(cfg, self.data, net))
+        for stage in stages:
+            self.memory.attach(stage.blocks)
+        self.modules = [BPStageModule(st, cfg, ctx.device, self.fault).to(ctx.device)
+                        for st in stages]  # fmt: skip
+        self.local = nn.ModuleList(stages)  # what checkpoints save
+        params = [p for st in stages for b in st.blocks for p in b.parameters()]
+        if self.last:
+            params += list(stages[-1].heads[-1].parameters())
         self.opt, self.sched = build_optimizer(params, cfg.optim, max(1, self.n_steps))
-        self.pstage = CountingStage(self.module, ctx.rank, ctx.world, ctx.device, clock=self.clock)
-        schedule_cls = ScheduleGPipe if cfg.pipeline.schedule is Schedule.gpipe else Schedule1F1B
+        self.pstages = [
+            CountingStage(module, i, self.n_stages, ctx.device, clock=self.clock)
+            for i, module in zip(mine, self.modules)
+        ]
         # Loss /M and no engine scaling: Backprop.step's (loss / m).backward(), exactly.
-        self.schedule = schedule_cls(self.pstage, self.m, loss_fn=self._loss, scale_grads=False)
-        timeout = timedelta(seconds=cfg.pipeline.timeout_s)
+        schedule_cls = SCHEDULES[pipe.schedule]
+        engine_stages = self.pstages if pipe.schedule.multi_stage else self.pstages[0]
+        self.schedule = schedule_cls(engine_stages, self.m, loss_fn=self._loss, scale_grads=False)
+        timeout = timedelta(seconds=pipe.timeout_s)
         # Evaluation traffic: its own channel, the SID runner's message codec.
         self.eval_transport = Transport(
-            ctx.rank, ctx.world, ctx.device, cfg.pipeline.queue_depth, staged=False,
-            reuse_buffers=False, group=dist.new_group(timeout=timeout),
+            ctx.rank, ctx.world, ctx.device, pipe.queue_depth, staged=False,
+            reuse_buffers=False, group=dist.new_group(timeout=timeout), prefetch=False,
         )  # fmt: skip
         self.losses = LossMeter(1, ctx.device)
         self._steady_step_s = 0.0  # schedule.step time from step 2 on (step 1 infers shapes)
         self._steady_compute_s = 0.0
-        self.resume(stage, [self.opt], [self.sched])
+        self.resume(self.local, [self.opt], [self.sched])
+
+    def owner(self, stage: int) -> int:
+        """The rank that holds pipeline stage `stage`."""
+        world = self.ctx.world
+        if self.cfg.pipeline.schedule.v_shape:
+            return stage if stage < world else 2 * world - 1 - stage
+        return stage % world
 
     # ---- the engine's loss -------------------------------------------------------------
     def _loss(self, logits: Tensor, y: Tensor) -> Tensor:
@@ -244,22 +301,20 @@ class BPStageRunner(StageRunner):
     def train_step(self, x: Tensor | None, y: Tensor | None) -> None:
         t_start = time.perf_counter()
         self.opt.zero_grad(set_to_none=True)
-        self.module.step = self.state.step
+        for module in self.modules:
+            module.step = self.state.step
         t0, c0 = time.perf_counter(), self.clock.total(COMPUTE)
         self.clock.enter(Span.SEND_WAIT)
         losses: list[Tensor] = []
+        kwargs: dict[str, Any] = {}
+        if self.first:  # a V's rank 0 feeds both the inputs and the targets
+            assert x is not None
+            kwargs["arg_mbs"] = [(xm,) for xm in x.tensor_split(self.m)]
+        if self.last:
+            assert y is not None
+            kwargs.update(target_mbs=list(y.tensor_split(self.m)), losses=losses)
         try:
-            if self.first:
-                assert x is not None
-                mbs = [(xm,) for xm in x.tensor_split(self.m)]
-                self.schedule.step(arg_mbs=mbs, return_outputs=False)
-            elif self.last:
-                assert y is not None
-                self.schedule.step(
-                    target_mbs=list(y.tensor_split(self.m)), losses=losses, return_outputs=False
-                )
-            else:
-                self.schedule.step(return_outputs=False)
+            self.schedule.step(return_outputs=False, **kwargs)
         except RuntimeError as e:
             # The engine wraps a forward's exception in "[Stage i] failed to run forward: ...":
             # report the cause itself.
@@ -287,7 +342,8 @@ class BPStageRunner(StageRunner):
         self.clock.enter(Span.DATA)
         data, dev, full = self.data, self.ctx.device, self.train_batches
         if self.first:
-            batches = ((x.to(dev, non_blocking=True), None) for x, _ in full.epoch(epoch, start))
+            batches = ((x.to(dev, non_blocking=True), y.to(dev, non_blocking=True) if self.last
+                        else None) for x, y in full.epoch(epoch, start))  # fmt: skip
         elif self.last:
             labels = label_batches(full, data).epoch(epoch, start=start)
             batches = ((None, y.to(dev, non_blocking=True)) for _, y in labels)
@@ -301,43 +357,41 @@ class BPStageRunner(StageRunner):
     # ---- evaluation: forward only, through the stages -----------------------------------
     @torch.no_grad()
     def evaluate(self, name: str, split: Batches) -> float | None:
-        """One split through the pipeline; the accuracy on the last stage, None elsewhere."""
-        self.module.eval()
-        self.module.fault = None  # the fault hook is for training steps
+        """One split through the stages in order, batch by batch (forward only); the
+        accuracy on the rank holding the last stage, None elsewhere."""
+        for module in self.modules:
+            module.eval()
+            module.fault = None  # the fault hook is for training steps
         labels = label_batches(split, self.data).epoch(0) if self.last else None
         inputs = split.epoch(0) if self.first else None
-        hits, n = 0, 0
-        transport = self.eval_transport
-        while True:
-            if self.first:
-                assert inputs is not None
-                self.clock.enter(Span.DATA)
-                batch = next(inputs, None)
-                h = None if batch is None else batch[0].to(self.ctx.device)
-            else:
-                self.clock.enter(Span.RECV_WAIT)
-                h = transport.recv().h  # None: the EVAL_END that closes the split
-            if h is None:
-                if not self.last:
+        hits, n, rank, transport = 0, 0, self.ctx.rank, self.eval_transport
+        for _ in range(len(split)):
+            h: Tensor | None = None
+            for stage, module in zip(self.stage_ids, self.modules):
+                if stage == 0:
+                    assert inputs is not None
+                    self.clock.enter(Span.DATA)
+                    h = next(inputs)[0].to(self.ctx.device)
+                elif self.owner(stage - 1) != rank:
+                    self.clock.enter(Span.RECV_WAIT)
+                    h = transport.recv(src=self.owner(stage - 1)).h
+                self.clock.enter(Span.EVAL)
+                h = module(h)  # the previous local stage's output feeds the next local one
+                if stage == self.n_stages - 1:
+                    assert labels is not None
+                    _, y = next(labels)
+                    if y.shape[0] != h.shape[0]:
+                        raise TrainingError(f"evaluation of {name}: labels and batches out of step")
+                    hits += int((h.argmax(-1).cpu() == y).sum())
+                    n += y.shape[0]
+                elif self.owner(stage + 1) != rank:
                     self.clock.enter(Span.SEND_WAIT)
-                    transport.send(Message(Kind.EVAL_END))
-                    transport.flush()
-                break
-            self.clock.enter(Span.EVAL)
-            out = self.module(h)
-            if self.last:
-                assert labels is not None
-                _, y = next(labels)
-                if y.shape[0] != out.shape[0]:
-                    raise TrainingError(f"evaluation of {name}: labels and batches out of step")
-                hits += int((out.argmax(-1).cpu() == y).sum())
-                n += y.shape[0]
-            else:
-                self.clock.enter(Span.SEND_WAIT)
-                transport.send(Message(Kind.EVAL, h=out))
-        self.module.fault = self.fault
-        self.module.train()
+                    transport.send(Message(Kind.EVAL, h=h), dst=self.owner(stage + 1))
         self.clock.enter(Span.SEND_WAIT)
+        transport.flush()
+        for module in self.modules:
+            module.fault = self.fault
+            module.train()
         return hits / n if self.last and n else None
 
     def run_eval(self, step: int, epoch: int) -> None:
@@ -366,7 +420,8 @@ class BPStageRunner(StageRunner):
                 flush=True,
             )
         start = time.perf_counter()
-        self.module.train()
+        for module in self.modules:
+            module.train()
         events = cadence(cfg.train, cfg.checkpoint.every_n_steps, self.n_steps, state.position,
                          self.batches)  # fmt: skip
         for ev in events:
@@ -380,7 +435,7 @@ class BPStageRunner(StageRunner):
             state.pause_clock()  # training time excludes evaluation and checkpoints
             if ev.kind is EventKind.CHECKPOINT:
                 # every stage reaches step k together: the schedule is lockstep
-                self.checkpoints.save(state, self.module.stage, [self.opt], [self.sched])
+                self.checkpoints.save(state, self.local, [self.opt], [self.sched])
             elif ev.kind is EventKind.EVAL:
                 self.run_eval(ev.step, ev.epoch)
             elif ev.kind is EventKind.EPOCH_END:
@@ -395,19 +450,23 @@ class BPStageRunner(StageRunner):
             wall, self.clock.total(BUSY),
             recv_wait_fraction=self.clock.total((Span.RECV_WAIT,)) / wall,
             send_wait_fraction=self.clock.total((Span.SEND_WAIT,)) / wall,
-            bytes_sent_forward=self.pstage.bytes_forward,
-            bytes_sent_backward=self.pstage.bytes_backward,
-            messages_sent=self.pstage.sends,
+            pipeline_stages=self.stage_ids,  # the pipeline stages this rank holds
+            bytes_sent_forward=sum(st.bytes_forward for st in self.pstages),
+            bytes_sent_backward=sum(st.bytes_backward for st in self.pstages),
+            messages_sent=sum(st.sends for st in self.pstages),
             # BP only: the measured bubble (idle share of schedule.step in steady state, i.e.
             # from the second step on), the textbook (S-1)/(M+S-1), and evaluation traffic.
             bubble_fraction=1.0 - self._steady_compute_s / steady if steady > 0 else None,
             bubble_textbook=(self.ctx.world - 1) / (self.m + self.ctx.world - 1),
-            eval_bytes_sent=self.eval_transport.stats.bytes_forward,
+            eval_bytes_sent=self.eval_transport.stats.bytes_forward
+            + self.eval_transport.stats.bytes_backward,
         )  # fmt: skip
 
     def global_state_dict(self) -> dict[str, Tensor]:
-        """This stage's blocks under the whole network's names, and on the last stage the
+        """This rank's blocks under the whole network's names, and with the last stage the
         final head heads.{L-1} (the only head BP trains)."""
-        stage = self.module.stage
-        heads = {stage.stop - 1: stage.heads[-1]} if stage.is_last else {}
-        return global_state_dict(stage.blocks, heads, self.block_range.start)
+        out: dict[str, Tensor] = {}
+        for stage in self.local:
+            heads = {stage.stop - 1: stage.heads[-1]} if stage.is_last else {}
+            out.update(global_state_dict(stage.blocks, heads, stage.first))
+        return out

@@ -53,7 +53,7 @@ def check_layout(cfg: Config) -> None:
     if cfg.method is Method.bp:
         check_bp_layout(cfg, data, net)
     try:
-        partition_blocks(net.n_blocks, cfg.pipeline.stages, cfg.pipeline.partition)
+        partition_blocks(net.n_blocks, cfg.stage_count, cfg.pipeline.partition)
     except ValueError as e:
         raise TrainingError(str(e)) from None
 

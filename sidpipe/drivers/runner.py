@@ -113,22 +113,25 @@ class StageRunner:
         self.fault = Fault.from_env(ctx.rank)
         self.metrics = stage_logger(ctx.rank, run_dir, to_dict(cfg), cfg.logger)
 
-    def build_stage(self, check: Callable[[nn.Module], None] | None = None) -> StageModule:
-        """This rank's slice of the network; the memory baseline is taken before it exists.
+    def build_stages(
+        self, stage_ids: list[int], check: Callable[[nn.Module], None] | None = None
+    ) -> list[StageModule]:
+        """This rank's pipeline stages (slices of the network; the model is cut into
+        cfg.stage_count stages). The memory baseline is taken before the model exists.
         check(net): the method's own layout checks, on the whole network."""
         self.memory = MemoryProbe(self.ctx.device)
         net = build_net(self.cfg, self.data)
         if check is not None:
             check(net)
-        pipeline = self.cfg.pipeline
-        ranges = partition_blocks(net.n_blocks, pipeline.stages, pipeline.partition)
-        self.block_range = ranges[self.ctx.rank]
+        ranges = partition_blocks(net.n_blocks, self.cfg.stage_count, self.cfg.pipeline.partition)
+        self.stage_ids = stage_ids
+        self.blocks = [i for s in stage_ids for i in ranges[s]]  # this rank's, in stage order
         self.n_depths = net.n_blocks
         self.partition = [[r.start, r.stop] for r in ranges]
         self.checkpoints = CheckpointManager(
             self.cfg, self.run_dir, self.partition, self.ctx.rank, self.ctx.world, self.ctx.store
         )
-        return StageModule(net, self.block_range)  # only this stage's blocks stay alive
+        return [StageModule(net, ranges[s]) for s in stage_ids]  # only these blocks stay alive
 
     def resume(self, module: nn.Module, optimizers: list[Any], schedulers: list[Any]) -> None:
         restored = self.checkpoints.restore(module, optimizers, schedulers)
@@ -139,11 +142,11 @@ class StageRunner:
     def log_train(self, meter: LossMeter, epoch: int) -> None:
         """At log intervals: the loss line (if this stage has losses), NaN check, peers."""
         mean = meter.mean(f"step {self.state.step} (epoch {epoch}, modules "
-                          f"{list(self.block_range)})")  # fmt: skip
+                          f"{self.blocks})")  # fmt: skip
         if mean is not None:
             self.metrics.log({"kind": "train", "stage": self.ctx.rank, "step": self.state.step,
                               "epoch": epoch, "loss": mean,
-                              "modules": list(self.block_range)})  # fmt: skip
+                              "modules": self.blocks})  # fmt: skip
         peer = self.ctx.peer_failure()
         if peer is not None:
             raise PeerFailure(f"stopping: {peer}")
@@ -156,7 +159,7 @@ class StageRunner:
         """This stage's public numbers, plus the '_' fields rank 0 reads (summary.py)."""
         return {
             "stage": self.ctx.rank,
-            "modules": list(self.block_range),
+            "modules": self.blocks,
             "busy_fraction": busy_s / wall,
             **numbers,
             "train_messages": self.state.step,
@@ -165,6 +168,7 @@ class StageRunner:
             "_train_samples": self.state.samples,
             "_label_noise_rate": self.data.noise_rate,
             "_train_s": self.state.train_s,
+            "_sink": self.last,  # holds the last stage: its history and samples are the run's
             "_history": self.state.history.epochs if self.last else None,
             "_trace": self.tracer.events(),
         }

@@ -55,7 +55,7 @@ class SIDStageRunner(StageRunner):
             self.batches = train_batches(cfg, self.data, ctx.device)
             self.splits = eval_splits(cfg, self.data, ctx.device)
         self.n_steps = total_steps(cfg, self.data)
-        module = self.build_stage()
+        (module,) = self.build_stages([ctx.rank])
         updates = max(1, self.n_steps // cfg.sid.accumulate_steps)
         self.stage = SIDStage(module, cfg, updates, ctx.device, self.memory)
         self.transport = transport or Transport(
@@ -227,6 +227,6 @@ class SIDStageRunner(StageRunner):
 
     def global_state_dict(self) -> dict[str, torch.Tensor]:
         """This stage's blocks and their belief heads under the whole network's names."""
-        module, start = self.stage.stage, self.block_range.start
+        module, start = self.stage.stage, self.stage.stage.first
         heads = {start + j: head for j, head in enumerate(module.heads)}
         return global_state_dict(module.blocks, heads, start)

@@ -31,7 +31,7 @@ def gather_and_write(
     if ctx.rank != 0:
         return {}
     assert gathered is not None
-    last = gathered[-1]
+    last = next(g for g in gathered if g["_sink"])  # the rank holding the last stage
     history = History(last["_history"] or [])
     if not history.epochs and (cfg.train.final_eval or cfg.train.eval_every_epoch):
         raise RuntimeError("the last stage reported no evaluation")

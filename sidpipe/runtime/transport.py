@@ -103,6 +103,7 @@ class Transport:
         tracer: Tracer | None = None,
         header_group: dist.ProcessGroup | None = None,
         group: dist.ProcessGroup | None = None,
+        prefetch: bool = True,
     ):
         self.rank, self.world = rank, world
         self.device = device
@@ -110,6 +111,9 @@ class Transport:
         self.staged = staged
         self.comm_device = torch.device("cpu") if (staged or device.type == "cpu") else device
         self.group = group  # the payloads' process group (None: the default group)
+        # post the next header's irecv as soon as a message is in (off: receive on demand,
+        # e.g. from several sources, and never leave a receive posted between phases)
+        self.prefetch = prefetch
         self.header_group = header_group or group  # None: headers share the payload's group
         self.header_device = torch.device("cpu") if header_group is not None else self.comm_device
         self.queue_depth = queue_depth
@@ -215,7 +219,7 @@ class Transport:
         if hdr[14] >= 0:
             y = self._buffer([hdr[14]], torch.int64)
             works.append(dist.irecv(y, src, group=self.group))
-        if kind not in (Kind.STOP, Kind.EVAL_END):
+        if self.prefetch and kind not in (Kind.STOP, Kind.EVAL_END):
             # overlap the next arrival with this message's compute (not after the last
             # message of a phase: nothing may stay posted when the run ends)
             self._post_header(src)

@@ -158,7 +158,7 @@ def test_faults_stop_every_process(kind, reason, tmp_path):
         (["pipeline.stages=2", "pipeline.partition=[4]"], "pipeline.partition=[4] must list 1"),
         (
             ["pipeline.stages=2", "pipeline.partition=[1,2]"],
-            "must list pipeline.stages-1=1 cut points",
+            "must list 1 cut points (one fewer than the 2 pipeline stages)",
         ),
         (
             ["method=bp", "pipeline.stages=2", "pipeline.microbatches=3"],

@@ -82,16 +82,28 @@ def evaluate_model(model_path: str | Path, overrides: list[str]) -> dict[str, An
             "per_depth_accuracy": per_depth}  # fmt: skip
 
 
-def main(command: str, argv: list[str]) -> None:
+USAGE = {
+    "export": "usage: sidpipe export RUN_DIR|CHECKPOINT_DIR OUT.pt\n\n"
+    "Merge a run's (or a checkpoint's) stage parameters into one state_dict OUT.pt, with the\n"
+    "run's config beside it in OUT.pt.json.",
+    "eval": "usage: sidpipe eval MODEL.pt [key=value ...]\n\n"
+    "Test accuracy of an exported model at every depth, single process; the overrides are\n"
+    "train's (e.g. data.root=DIR).",
+}
 
+
+def main(command: str, argv: list[str]) -> None:
+    if any(a in ("-h", "--help") for a in argv):
+        print(USAGE[command])
+        return
     try:
         if command == "export":
             if len(argv) != 2:
-                fail("usage: sidpipe export RUN_DIR|CHECKPOINT_DIR OUT.pt", 2)
+                fail(USAGE["export"].splitlines()[0], 2)
             print(f"exported {export_model(argv[0], argv[1])}")
         else:
             if not argv:
-                fail("usage: sidpipe eval MODEL.pt [key=value overrides, e.g. data.root=DIR]", 2)
+                fail(USAGE["eval"].splitlines()[0], 2)
             print(json.dumps(evaluate_model(argv[0], argv[1:]), indent=2))
     except (ConfigError, DataError, FileNotFoundError) as e:
         fail(str(e).splitlines()[0])

@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch  # noqa: F401 - imported at collection: its first import runs ldconfig
 
 REPO = Path(__file__).resolve().parents[1]
 # ../shared/data beside the checkout (CI lays a copy there); SIDPIPE_DATA overrides.

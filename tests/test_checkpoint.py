@@ -106,7 +106,65 @@ def test_resume_on_another_layout_is_refused(tmp_path):
     r = run_cli([*TINY, *CKPT, "pipeline.stages=2", "train.max_steps=10"], tmp_path)
     assert r.returncode == 0, r.stderr[-2000:]
     r = run_cli([*TINY, *CKPT, "pipeline.stages=3", "resume=auto"], tmp_path)
+    assert r.returncode != 0  # the run finished: resume=auto with another config trains nothing
+    assert "finished with another config (pipeline.stages=2, now 3" in r.stderr
+    (tmp_path / "summary.json").unlink()  # as if it had stopped after its last checkpoint
+    r = run_cli([*TINY, *CKPT, "pipeline.stages=3", "resume=auto"], tmp_path)
     assert r.returncode != 0
     assert "was written by a 2-stage sid run" in r.stderr
     r = run_cli([*TINY, "pipeline.stages=1", f"resume={tmp_path / 'nowhere'}"], tmp_path / "x")
     assert r.returncode != 0 and "does not exist" in r.stderr
+
+
+class _Payload:
+    """What a crafted checkpoint would carry: unpickling it runs a command."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        import os
+
+        return (os.system, (f"touch {self.marker}",))
+
+
+def _restamp(step_dir):
+    """Update meta.json's sizes and checksums to the files as they are now (as an attacker
+    would, so the checksum check does not catch the change)."""
+    import json
+
+    meta_path = step_dir / "meta.json"
+    meta = json.loads(meta_path.read_text())
+    for rel in meta["files"]:
+        f = step_dir / rel
+        meta["files"][rel] = [f.stat().st_size, checkpoint._sha256(f)]
+    meta_path.write_text(json.dumps(meta))
+
+
+def test_crafted_metadata_never_runs_code(tmp_path):
+    """A checkpoint whose DCP .metadata pickle names os.system is refused in one line; the
+    command never runs (torch's own reader would unpickle it with plain pickle.load)."""
+    import pickle
+
+    m, opt = _toy()
+    step_dir = _save(tmp_path, 10, m, opt)
+    marker = tmp_path / "pwned"
+    (step_dir / "stage0" / ".metadata").write_bytes(pickle.dumps(_Payload(marker)))
+    _restamp(step_dir)
+    assert checkpoint.verify(step_dir)  # the checksums match: only the content is hostile
+    with pytest.raises(checkpoint.CheckpointError, match="unsafe metadata") as err:
+        checkpoint.load(step_dir, 0, m, [opt])
+    assert "posix.system is not allowed" in str(err.value) and "\n" not in str(err.value)
+    assert not marker.exists()
+
+
+def test_real_metadata_passes_the_allow_list(tmp_path):
+    """Everything a real checkpoint holds (model, Adam state, the run state, the RNG) loads
+    through the restricted reader, so the allow-list is not just refusing everything."""
+    m, opt = _toy()
+    step_dir = _save(tmp_path, 10, m, opt)
+    m2 = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 2))
+    opt2 = torch.optim.Adam(m2.parameters(), lr=0.5)
+    assert checkpoint.load(step_dir, 0, m2, [opt2]) == {"step": 10}
+    assert opt2.param_groups[0]["lr"] == opt.param_groups[0]["lr"]
+    assert all(torch.equal(a, b) for a, b in zip(m.parameters(), m2.parameters(), strict=True))

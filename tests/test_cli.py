@@ -35,3 +35,10 @@ def test_unknown_command_is_one_clear_line(argv, hint, capsys):
     code, _, err = run(argv, capsys)
     assert code == 2
     assert err.splitlines()[0].startswith("sidpipe: error: ") and hint in err.splitlines()[0]
+
+
+@pytest.mark.parametrize("command", ["export", "eval"])
+def test_each_command_has_help(command, capsys):
+    main([command, "--help"])
+    out = capsys.readouterr().out
+    assert out.startswith(f"usage: sidpipe {command} ")

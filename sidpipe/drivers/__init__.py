@@ -1,15 +1,70 @@
 """The three drivers: single-process (`single`), the SID pipeline (`sid`) and the BP
-pipeline (`bp`), started by `launch`; `run` picks one for a config."""
+pipeline (`bp`), started by `launch`; `run` picks one for a config, after checking the run
+directory's lifecycle."""
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
 from pathlib import Path
 from typing import Any
 
-from sidpipe.config import Config
+from sidpipe.config import Config, to_dict
 from sidpipe.drivers.launch import Planner, run_pipeline
 from sidpipe.drivers.single import train_single
+from sidpipe.errors import ConfigError
+from sidpipe.runtime.checkpoint import checkpoint_root, latest_good, published
+
+# What a run writes into its directory (hydra's own .hydra/ and *.log are not ours).
+RUN_OUTPUTS = ("summary.json", "metrics.jsonl", "model", "failure.txt", "trace.json",
+               "partition_auto.json")  # fmt: skip
+
+
+def prepare_run_dir(cfg: Config, run_dir: Path) -> dict[str, Any] | None:
+    """A run directory holds one run, never a mix of two. A fresh run (no resume=) refuses a
+    directory that holds another run's outputs; resume=auto on a finished run returns its
+    summary untouched (a cluster requeue); resume=auto with nothing to resume removes the
+    outputs of the attempt that died before its first checkpoint, then starts clean."""
+    used = [n for n in RUN_OUTPUTS if (run_dir / n).exists()]
+    ckpts = published(checkpoint_root(cfg, run_dir))
+    if cfg.resume is None:
+        if used or ckpts:
+            found = ", ".join(used + (["checkpoints/"] if ckpts else []))
+            raise ConfigError(
+                f"run directory {run_dir} already holds a run ({found}): continue it with "
+                "resume=auto, or give the new run its own hydra.run.dir"
+            )
+        return None
+    if cfg.resume == "auto" and (run_dir / "summary.json").exists():
+        summary = json.loads((run_dir / "summary.json").read_text())
+        changed = _changed(summary.get("config", {}), to_dict(cfg))
+        if changed:
+            raise ConfigError(
+                f"the run in {run_dir} finished with another config ({'; '.join(changed[:3])}):"
+                " resume=auto would not train anything; give the new run its own hydra.run.dir"
+            )
+        return summary
+    if cfg.resume == "auto" and latest_good(checkpoint_root(cfg, run_dir)) is None:
+        for name in used:  # a died attempt's partial outputs: nothing of it can be continued
+            path = run_dir / name
+            shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
+    return None
+
+
+def _changed(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> list[str]:
+    """Keys whose values differ ('pipeline.stages=2, now 3'), ignoring how a run is started."""
+    out = []
+    for key in sorted(set(old) | set(new)):
+        name = f"{prefix}{key}"
+        if name in ("resume", "run_dir", "progress") or name.startswith("logger"):
+            continue
+        a, b = old.get(key), new.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += _changed(a, b, name + ".")
+        elif a != b:
+            out.append(f"{name}={a}, now {b}")
+    return out
 
 
 def run(cfg: Config, run_dir: str | Path, planner: Planner | None = None) -> dict[str, Any]:
@@ -18,6 +73,11 @@ def run(cfg: Config, run_dir: str | Path, planner: Planner | None = None) -> dic
     planner resolves pipeline.partition=auto (bench/balance.py's `plan_partition`)."""
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
+    done = prepare_run_dir(cfg, run_dir)
+    if done is not None:
+        print(f"sidpipe: the run in {run_dir} is already complete (summary.json); "
+              "nothing to do", flush=True)  # fmt: skip
+        return done if os.environ.get("RANK", "0") == "0" else {}
     if cfg.pipeline.stages == 1 and "TORCHELASTIC_RUN_ID" not in os.environ:
         return train_single(cfg, run_dir)
     return run_pipeline(cfg, run_dir, planner)

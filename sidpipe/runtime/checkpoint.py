@@ -20,16 +20,24 @@ is never loaded; a complete directory whose files were damaged later fails its c
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import logging
 import os
+import pickle
 import shutil
 import warnings
 from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed.checkpoint as dcp
 from torch import nn
+from torch.distributed.checkpoint import FileSystemReader
+from torch.distributed.checkpoint._traverse import set_element
+from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
+from torch.distributed.checkpoint.metadata import Metadata, StorageMeta
+from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
 from sidpipe.config import Config, to_dict
 from sidpipe.errors import CheckpointError
@@ -52,6 +60,16 @@ def _step_of(path: Path) -> int:
     return int(path.name[len(PREFIX) :])
 
 
+def published(root: Path) -> list[Path]:
+    """The checkpoint directories under root (step_ + 8 digits), oldest first; anything else
+    there (a .tmp of a save in progress, a user's backup copy, a stray file) is not one."""
+    if not root.is_dir():
+        return []
+    names = [p for p in root.iterdir() if p.is_dir() and p.name.startswith(PREFIX)
+             and len(p.name) == len(PREFIX) + 8 and p.name[len(PREFIX):].isdigit()]  # fmt: skip
+    return sorted(names, key=_step_of)
+
+
 def checkpoint_root(cfg: Config, run_dir: Path) -> Path:
     return Path(cfg.checkpoint.dir) if cfg.checkpoint.dir else run_dir / "checkpoints"
 
@@ -61,8 +79,15 @@ def verify(path: Path) -> dict[str, Any]:
     meta_path = path / "meta.json"
     if not meta_path.exists():
         raise CheckpointError(f"checkpoint {path} is incomplete (no meta.json)")
-    meta = json.loads(meta_path.read_text())
-    for rel, (size, digest) in meta["files"].items():
+    try:
+        meta = json.loads(meta_path.read_text())
+        files = {str(rel): (int(size), str(digest))
+                 for rel, (size, digest) in meta["files"].items()}  # fmt: skip
+    except (ValueError, KeyError, TypeError, AttributeError) as e:
+        raise CheckpointError(f"checkpoint {path} is damaged: unreadable meta.json ({e})") from None
+    for rel, (size, digest) in files.items():
+        if Path(rel).is_absolute() or ".." in Path(rel).parts:
+            raise CheckpointError(f"checkpoint {path}: meta.json names {rel}, outside it")
         f = path / rel
         if not f.exists() or f.stat().st_size != size or _sha256(f) != digest:
             raise CheckpointError(
@@ -73,12 +98,7 @@ def verify(path: Path) -> dict[str, Any]:
 
 def latest_good(root: Path) -> Path | None:
     """The newest checkpoint that verifies; damaged ones are reported and skipped."""
-    if not root.exists():
-        return None
-    done = [
-        p for p in root.iterdir() if p.is_dir() and p.name.startswith(PREFIX) and "." not in p.name
-    ]
-    for path in sorted(done, key=_step_of, reverse=True):
+    for path in reversed(published(root)):
         try:
             verify(path)
             return path
@@ -120,8 +140,6 @@ def check_compatible(
 
 
 def _state(module: nn.Module, optimizers: list[torch.optim.Optimizer]) -> dict[str, Any]:
-    from torch.distributed.checkpoint.state_dict import get_state_dict
-
     model_sd, optim_sd = get_state_dict(module, optimizers)
     return {"model": model_sd, "optim": optim_sd}
 
@@ -139,8 +157,6 @@ def save(
     store: Any = None,
 ) -> Path | None:
     """Save this stage's part of step `step`; the last stage to finish publishes it."""
-    import torch.distributed.checkpoint as dcp
-
     tmp = root / f"{PREFIX}{step:08d}.tmp"
     part = tmp / f"stage{stage}"
     part.mkdir(parents=True, exist_ok=True)
@@ -171,25 +187,85 @@ def save(
 
 
 def _prune(root: Path, keep_last: int) -> None:
-    done = sorted(
-        (p for p in root.iterdir() if p.name.startswith(PREFIX) and "." not in p.name), key=_step_of
-    )
+    done = published(root)
     for old in done[: max(0, len(done) - keep_last)]:
         shutil.rmtree(old, ignore_errors=True)
+
+
+# What a checkpoint's `.metadata` pickle may name: DCP's own metadata records, torch sizes,
+# dtypes and layouts, and paths. torch 2.14's FileSystemReader reads it with plain
+# pickle.load, which would run whatever a crafted file names (docs/design.md §8).
+_METADATA_GLOBALS = {
+    ("torch.distributed.checkpoint.metadata", name)
+    for name in ("Metadata", "MetadataIndex", "StorageMeta", "TensorProperties",
+                 "TensorStorageMetadata", "BytesStorageMetadata", "ChunkStorageMetadata",
+                 "_MEM_FORMAT_ENCODING")
+} | {  # fmt: skip
+    ("torch.distributed.checkpoint.filesystem", "_StorageInfo"),
+    ("torch", "Size"),
+    ("torch.serialization", "_get_layout"),
+    ("pathlib", "PosixPath"),
+    ("pathlib", "PurePosixPath"),
+    ("collections", "OrderedDict"),
+}
+
+
+class _MetadataUnpickler(pickle.Unpickler):
+    def find_class(self, module: str, name: str) -> Any:
+        dtype = getattr(torch, name, None) if module == "torch" else None
+        if (module, name) in _METADATA_GLOBALS or isinstance(dtype, torch.dtype):
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"{module}.{name} is not allowed in checkpoint metadata")
+
+
+class SafeReader(FileSystemReader):
+    """DCP's file reader, but the metadata is unpickled through an allow-list."""
+
+    def read_metadata(self, *args: Any, **kwargs: Any) -> Metadata:
+        path = self._get_metadata_path(kwargs.get("rank"))
+        with self.fs.create_stream(path, "rb") as f:
+            try:
+                metadata = _MetadataUnpickler(f).load()
+            except Exception as e:  # noqa: BLE001 - any failure means: not a checkpoint we wrote
+                raise CheckpointError(
+                    f"checkpoint {self.path}: unreadable or unsafe metadata ({e})"
+                ) from None
+        if not isinstance(metadata, Metadata):
+            raise CheckpointError(f"checkpoint {self.path}: metadata is not DCP metadata")
+        if getattr(metadata, "storage_meta", None) is None:
+            metadata.storage_meta = StorageMeta()
+        metadata.storage_meta.load_id = self.load_id
+        return metadata
+
+
+class SafeLoadPlanner(DefaultLoadPlanner):
+    """Non-tensor entries (optimizer hyperparameters, the run state's JSON) are read with
+    `weights_only=True`: plain containers and numbers only, never arbitrary objects."""
+
+    def load_bytes(self, read_item: Any, value: io.BytesIO) -> None:
+        try:
+            obj = torch.load(value, weights_only=True)
+        except Exception as e:  # noqa: BLE001 - an unsafe or damaged entry
+            raise CheckpointError(f"checkpoint entry {read_item.dest_index.fqn}: {e}") from None
+        if self.flatten_state_dict:
+            set_element(self.original_state_dict, self.mappings[read_item.dest_index.fqn], obj)
+        else:
+            self.state_dict[read_item.dest_index.fqn] = obj
 
 
 def load(
     path: Path, stage: int, module: nn.Module, optimizers: list[torch.optim.Optimizer]
 ) -> dict[str, Any]:
-    """Load this stage's part into module and optimizers; returns the saved `extra` dict."""
-    import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import set_state_dict
-
+    """Load this stage's part into module and optimizers; returns the saved `extra` dict.
+    Nothing in the files can run code: see SafeReader and SafeLoadPlanner."""
     state = _state(module, optimizers)
     state["extra"] = {"torch_rng": torch.get_rng_state(), "json": ""}
+    part = path / f"stage{stage}"
+    SafeReader(part).read_metadata()  # refuse an unsafe file here, in one line (dcp would wrap it)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)
-        dcp.load(state, checkpoint_id=path / f"stage{stage}", no_dist=True)
+        dcp.load(state, storage_reader=SafeReader(part), planner=SafeLoadPlanner(),
+                 no_dist=True)  # fmt: skip
     set_state_dict(
         module, optimizers, model_state_dict=state["model"], optim_state_dict=state["optim"]
     )

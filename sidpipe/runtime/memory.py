@@ -17,7 +17,6 @@ torch.distributed.pipelining.)
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 from typing import Any
 
 import torch
@@ -35,8 +34,9 @@ class _MallInfo2(ctypes.Structure):
 
 def _libc_mallinfo2() -> Any:
     try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        fn = libc.mallinfo2
+        # the process's own symbols: glibc is already loaded (find_library would run ldconfig
+        # in a subprocess at import time)
+        fn = ctypes.CDLL(None).mallinfo2
     except (OSError, AttributeError):  # not glibc (macOS, musl): no CPU tensor accounting
         return None
     fn.restype = _MallInfo2

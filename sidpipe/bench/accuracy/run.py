@@ -31,7 +31,9 @@ ID_KEYS = ("dataset", "arch", "model", "blocks", "method", "variant", "noise", "
 
 
 def execute(run: Run, run_dir: str | Path) -> dict[str, Any]:
-    """Compose the run's config exactly as `sidpipe train` would, then train in this process."""
+    """Compose the run's config exactly as `sidpipe train` would, then train in this process.
+    Only runs without a summary.json get here: a died attempt's partial outputs go first."""
+    shutil.rmtree(run_dir, ignore_errors=True)
     return drivers.run(compose_config(run.overrides), run_dir)
 
 

@@ -6,6 +6,7 @@ traceback (`fail`); anything else is a bug and keeps its traceback.
 
 from __future__ import annotations
 
+import signal
 import sys
 from typing import NoReturn
 
@@ -32,6 +33,19 @@ class TrainingError(SidpipeError, RuntimeError):
 
 class CheckpointError(ConfigError):
     """A checkpoint that cannot be used, in one line naming its path."""
+
+
+class Interrupted(SidpipeError):
+    """A run stopped by a signal (Ctrl-C, a scheduler's SIGTERM): exits 128 + the signal."""
+
+    def __init__(self, signum: int):
+        self.exit_code = 128 + signum
+        super().__init__(f"interrupted by {signal.Signals(signum).name}")
+
+
+def raise_interrupted(signum: int, frame: object) -> None:
+    """A signal handler: SIGTERM ends the run like Ctrl-C, one line, exit 143."""
+    raise Interrupted(signum)
 
 
 def fail(message: str, code: int = 1) -> NoReturn:

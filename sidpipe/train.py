@@ -7,6 +7,7 @@ Under torchrun every rank runs this app; the run directory is the one hydra give
 from __future__ import annotations
 
 import os
+import signal
 import sys
 from pathlib import Path
 from typing import Any
@@ -19,7 +20,7 @@ from sidpipe import drivers
 from sidpipe.bench.balance import plan_partition
 from sidpipe.config import CONF_DIR, Config, register_configs, to_config
 from sidpipe.drivers.summary import format_report
-from sidpipe.errors import SidpipeError, fail
+from sidpipe.errors import Interrupted, SidpipeError, fail, raise_interrupted
 
 register_configs()
 
@@ -36,7 +37,9 @@ def _hydra_main(dcfg: DictConfig) -> None:
         run_dir = cfg.run_dir or HydraConfig.get().runtime.output_dir
         summary = run(cfg, run_dir)
     except SidpipeError as e:
-        fail(str(e))
+        fail(str(e), getattr(e, "exit_code", 1))
+    except KeyboardInterrupt:  # Ctrl-C: one line, the shell's convention 128 + SIGINT
+        fail(str(Interrupted(signal.SIGINT)), 128 + signal.SIGINT)
     if summary:  # rank 0 (or the launcher) prints the report
         print(format_report(summary), flush=True)
 
@@ -47,6 +50,7 @@ def main() -> None:
         a.startswith("hydra.output_subdir=") for a in sys.argv[1:]
     ):
         sys.argv.append("hydra.output_subdir=null")
+    signal.signal(signal.SIGTERM, raise_interrupted)  # a scheduler's stop: like Ctrl-C
     _hydra_main()
 
 

@@ -11,6 +11,7 @@ import copy
 import json
 import logging
 import os
+import signal
 import sys
 import time
 import uuid
@@ -18,6 +19,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from torch.distributed.elastic.multiprocessing.api import SignalException
 from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
 from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
@@ -27,7 +29,7 @@ from sidpipe.drivers.bp import BPStageRunner, check_bp_layout
 from sidpipe.drivers.runner import StageRunner
 from sidpipe.drivers.sid import SIDStageRunner
 from sidpipe.drivers.summary import gather_and_write
-from sidpipe.errors import TrainingError
+from sidpipe.errors import Interrupted, TrainingError
 from sidpipe.method.stage import check_graph_device
 from sidpipe.models import build_net
 from sidpipe.models.partition import partition_blocks
@@ -84,7 +86,11 @@ def stage_main(cfg: Config, run_dir: str, planner: Planner | None = None) -> dic
         step = runner.state.step if runner is not None else 0
         reason = str(e).splitlines()[0] if str(e) else type(e).__name__
         lost_peer = any(m in str(e) for m in LOST_PEER)
-        if lost_peer:
+        code = 1
+        if isinstance(e, (Interrupted, KeyboardInterrupt)):  # torchrun passed a signal on
+            interrupted = e if isinstance(e, Interrupted) else Interrupted(signal.SIGINT)
+            reason, code, lost_peer = f"step {step}: {interrupted}", interrupted.exit_code, False
+        elif lost_peer:
             reason = f"step {step}: lost the connection to a neighbouring stage ({reason[:120]})"
         elif type(e).__name__ != "PeerFailure":
             reason = f"step {step}: {type(e).__name__}: {reason}"
@@ -95,7 +101,7 @@ def stage_main(cfg: Config, run_dir: str, planner: Planner | None = None) -> dic
         # interpreter teardown, which can hang on a p2p op still posted to a dead peer.
         sys.stdout.flush()
         sys.stderr.flush()
-        os._exit(1)
+        os._exit(code)
     summary = gather_and_write(ctx, cfg, Path(run_dir), result)
     if ctx.rank == 0:  # the logger backend gets the other stages' lines and the summary
         runner.metrics.replay(Path(run_dir) / "metrics.jsonl", skip_stage=0)
@@ -136,6 +142,8 @@ def spawn(cfg: Config, run_dir: Path) -> dict[str, Any]:
     logging.getLogger("torch.distributed.elastic").setLevel(logging.CRITICAL)
     try:
         results = elastic_launch(launch, stage_main)(cfg, str(run_dir))
+    except SignalException as e:  # the agent has already stopped every stage
+        raise Interrupted(int(e.sigval)) from None
     except ChildFailedError as e:
         reason = run_dir / FAILURE_FILE
         detail = reason.read_text().strip() if reason.exists() else "no stage reported a reason"

@@ -168,3 +168,25 @@ def test_real_metadata_passes_the_allow_list(tmp_path):
     assert checkpoint.load(step_dir, 0, m2, [opt2]) == {"step": 10}
     assert opt2.param_groups[0]["lr"] == opt.param_groups[0]["lr"]
     assert all(torch.equal(a, b) for a, b in zip(m.parameters(), m2.parameters(), strict=True))
+
+
+def test_a_full_disk_is_one_line_and_leaves_no_partial_part(tmp_path, monkeypatch):
+    """DCP reports a full disk as CheckpointException around the OSError; the save names
+    the path and the cause, and removes what it had written of this stage's part."""
+    import errno
+
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    def full_disk(state, checkpoint_id, **kwargs):
+        (checkpoint_id / "__0_0.distcp").write_bytes(b"half a tensor")
+        cause = OSError(errno.ENOSPC, "No space left on device")
+        raise CheckpointException("save", {0: (cause, None)})
+
+    monkeypatch.setattr(checkpoint.dcp, "save", full_disk)
+    m, opt = _toy()
+    with pytest.raises(checkpoint.CheckpointError) as err:
+        _save(tmp_path, 10, m, opt)
+    message = str(err.value)
+    assert "step_00000010.tmp/stage0" in message and "No space left on device" in message
+    assert "\n" not in message
+    assert not (tmp_path / "step_00000010.tmp" / "stage0").exists()

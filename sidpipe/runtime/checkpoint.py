@@ -35,6 +35,7 @@ import torch.distributed.checkpoint as dcp
 from torch import nn
 from torch.distributed.checkpoint import FileSystemReader
 from torch.distributed.checkpoint._traverse import set_element
+from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
 from torch.distributed.checkpoint.metadata import Metadata, StorageMeta
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
@@ -68,6 +69,25 @@ def published(root: Path) -> list[Path]:
     names = [p for p in root.iterdir() if p.is_dir() and p.name.startswith(PREFIX)
              and len(p.name) == len(PREFIX) + 8 and p.name[len(PREFIX):].isdigit()]  # fmt: skip
     return sorted(names, key=_step_of)
+
+
+def os_cause(e: BaseException) -> str:
+    """The OS error behind a wrapped one ('No space left on device'), else its first line."""
+    seen: list[BaseException] = [e]
+    while seen:
+        cur = seen.pop()
+        if isinstance(cur, OSError) and cur.strerror:
+            return cur.strerror
+        for nested in getattr(cur, "failures", {}).values():  # DCP's CheckpointException
+            if isinstance(nested, BaseException):
+                seen.append(nested)
+            elif isinstance(nested, tuple) and nested and isinstance(nested[0], BaseException):
+                seen.append(nested[0])
+        seen += [c for c in (cur.__cause__, cur.__context__) if c is not None]
+    for known in ("No space left on device", "Read-only file system", "Permission denied"):
+        if known in str(e):
+            return known
+    return (str(e).strip().splitlines() or [type(e).__name__])[0]
 
 
 def checkpoint_root(cfg: Config, run_dir: Path) -> Path:
@@ -156,19 +176,24 @@ def save(
     keep_last: int,
     store: Any = None,
 ) -> Path | None:
-    """Save this stage's part of step `step`; the last stage to finish publishes it."""
+    """Save this stage's part of step `step`; the last stage to finish publishes it.
+    A failed write (disk full, read-only) removes this stage's partial files and raises
+    CheckpointError naming the path and the cause."""
     tmp = root / f"{PREFIX}{step:08d}.tmp"
     part = tmp / f"stage{stage}"
-    part.mkdir(parents=True, exist_ok=True)
-    state = _state(module, optimizers)
-    state["extra"] = {"torch_rng": torch.get_rng_state(), "json": json.dumps(extra)}
-    with warnings.catch_warnings():  # "assuming the intent is to save in a single process": yes
-        warnings.simplefilter("ignore", UserWarning)
-        dcp.save(state, checkpoint_id=part, no_dist=True)
-    files = {
-        str(f.relative_to(tmp)): [f.stat().st_size, _sha256(f)] for f in sorted(part.iterdir())
-    }
-    atomic_write_json(part / "manifest.json", files)
+    try:
+        part.mkdir(parents=True, exist_ok=True)
+        state = _state(module, optimizers)
+        state["extra"] = {"torch_rng": torch.get_rng_state(), "json": json.dumps(extra)}
+        with warnings.catch_warnings():  # "assuming the intent is to save in one process": yes
+            warnings.simplefilter("ignore", UserWarning)
+            dcp.save(state, checkpoint_id=part, no_dist=True)
+        files = {str(f.relative_to(tmp)): [f.stat().st_size, _sha256(f)]
+                 for f in sorted(part.iterdir())}  # fmt: skip
+        atomic_write_json(part / "manifest.json", files)
+    except (Exception, CheckpointException) as e:  # noqa: BLE001 - DCP's is a BaseException
+        shutil.rmtree(part, ignore_errors=True)  # no partial part keeps the disk full
+        raise CheckpointError(f"cannot write checkpoint {part}: {os_cause(e)}") from None
     done = store.add(f"sidpipe/ckpt/{root}/{step}", 1) if store is not None else world
     if done < world:
         return None

@@ -51,12 +51,16 @@ class DistContext:
             self.store.compare_set(ERROR_KEY, "", line)
         except Exception:  # the store may be gone already (launcher tearing down)
             pass
+        path = run_dir / "failure.txt"
         try:  # O_EXCL: the first failure wins, later ones (peers stopping) don't overwrite it
-            fd = os.open(run_dir / "failure.txt", os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        except OSError:
+            return
+        try:
             with os.fdopen(fd, "w") as f:
                 f.write(line + "\n")
-        except OSError:
-            pass
+        except OSError:  # a full disk: no empty failure.txt that says nothing
+            path.unlink(missing_ok=True)
 
     def peer_failure(self) -> str | None:
         """The failure another stage published, if any (cheap: one store round trip)."""

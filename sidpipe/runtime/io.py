@@ -73,10 +73,15 @@ def save_state(state: dict[str, torch.Tensor], run_dir: str | Path, stage: int) 
     `model/stage{r}.pt` per stage; together they are the network's state_dict. Atomic.
     """
     path = Path(run_dir) / "model" / f"stage{stage}.pt"
-    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".pt.tmp")
-    torch.save({k: v.detach().cpu() for k, v in state.items()}, tmp)
-    os.replace(tmp, path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        torch.save({k: v.detach().cpu() for k, v in state.items()}, tmp)
+        os.replace(tmp, path)
+    except (OSError, RuntimeError) as e:  # torch reports a full disk as a RuntimeError
+        tmp.unlink(missing_ok=True)
+        cause = e.strerror if isinstance(e, OSError) and e.strerror else str(e).splitlines()[0]
+        raise OSError(f"cannot write {path}: {cause}") from None
     return path
 
 

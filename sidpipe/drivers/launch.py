@@ -7,11 +7,13 @@ the workers and, when one fails or is killed, stops the others, so no peer is le
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import logging
 import os
 import signal
+import socket
 import sys
 import time
 import uuid
@@ -90,6 +92,13 @@ def stage_main(cfg: Config, run_dir: str, planner: Planner | None = None) -> dic
         if isinstance(e, (Interrupted, KeyboardInterrupt)):  # torchrun passed a signal on
             interrupted = e if isinstance(e, Interrupted) else Interrupted(signal.SIGINT)
             reason, code, lost_peer = f"step {step}: {interrupted}", interrupted.exit_code, False
+        elif silent := ctx.silent_peers():  # a frozen (SIGSTOP) or hung peer, by rank
+            rank, age, host, pid = silent[0]
+            reason = f"step {step}: stage {rank} stopped responding (no heartbeat for {age:.0f} s)"
+            lost_peer = True  # wait below: the launcher should see the frozen stage die first
+            if host == socket.gethostname():  # end it: the launcher then sees it die now,
+                with contextlib.suppress(OSError):  # not after a 30 s grace for SIGTERM
+                    os.kill(pid, signal.SIGKILL)
         elif lost_peer:
             reason = f"step {step}: lost the connection to a neighbouring stage ({reason[:120]})"
         elif type(e).__name__ != "PeerFailure":

@@ -8,7 +8,10 @@ say *which* stage failed, at which step, and why. No socket of our own is opened
 from __future__ import annotations
 
 import os
+import socket
 import sys
+import threading
+import time
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
@@ -21,6 +24,8 @@ from sidpipe.errors import TrainingError
 from sidpipe.runtime.device import check_cores, select_device, set_threads
 
 ERROR_KEY = "sidpipe/error"
+HEARTBEAT_KEY = "sidpipe/heartbeat"
+HEARTBEAT_S = 1.0
 
 
 def under_torchrun() -> bool:
@@ -61,6 +66,41 @@ class DistContext:
                 f.write(line + "\n")
         except OSError:  # a full disk: no empty failure.txt that says nothing
             path.unlink(missing_ok=True)
+
+    def start_heartbeat(self, store: dist.Store) -> None:
+        """A daemon thread stamps this stage's clock on the control plane every HEARTBEAT_S,
+        on its own store connection. It keeps beating while the main thread waits inside a
+        p2p op and stops only with the process (killed, or frozen by SIGSTOP), so a stage
+        that times out can name the peer that went silent instead of blaming its neighbour."""
+        key = f"{HEARTBEAT_KEY}/{self.rank}"
+        me = f"{socket.gethostname()} {os.getpid()}"
+
+        def beat() -> None:
+            while True:
+                try:
+                    store.set(key, f"{time.time()} {me}")
+                except Exception:  # the store is gone: the run is ending
+                    return
+                time.sleep(HEARTBEAT_S)
+
+        threading.Thread(target=beat, name="sidpipe-heartbeat", daemon=True).start()
+
+    def silent_peers(self) -> list[tuple[int, float, str, int]]:
+        """(rank, seconds since its last heartbeat, host, pid) of every peer silent for more
+        than 5 heartbeats."""
+        out = []
+        now = time.time()
+        for r in range(self.world):
+            key = f"{HEARTBEAT_KEY}/{r}"
+            try:
+                if r == self.rank or not self.store.check([key]):
+                    continue
+                stamp, host, pid = self.store.get(key).decode().split()
+            except Exception:  # noqa: BLE001 - no control plane: nothing to say
+                return out
+            if now - float(stamp) > 5 * HEARTBEAT_S:
+                out.append((r, now - float(stamp), host, int(pid)))
+        return out
 
     def peer_failure(self) -> str | None:
         """The failure another stage published, if any (cheap: one store round trip)."""
@@ -108,7 +148,10 @@ def init_distributed(cfg: Config) -> DistContext:
         is_master=False,
         timeout=timeout,
     )
-    return DistContext(rank, world, local_rank, device, backend, staged, store)
+    ctx = DistContext(rank, world, local_rank, device, backend, staged, store)
+    ctx.start_heartbeat(dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]),
+                                      world, is_master=False, timeout=timeout))  # fmt: skip
+    return ctx
 
 
 def shutdown() -> None:

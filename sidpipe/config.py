@@ -198,7 +198,17 @@ class PipelineConfig:
             self.microbatches >= 1, f"pipeline.microbatches must be >= 1 (got {self.microbatches})"
         )
         _check(self.queue_depth >= 1, f"pipeline.queue_depth must be >= 1 (got {self.queue_depth})")
-        _check(self.timeout_s > 0, f"pipeline.timeout_s must be > 0 (got {self.timeout_s})")
+        # < 1e9 s: every wait takes it (threading caps a timeout at ~9.2e9 s); inf/nan refused
+        _check(
+            0 < self.timeout_s < 1e9,
+            f"pipeline.timeout_s must be a finite number of seconds > 0 and < 1e9 "
+            f"(got {self.timeout_s})",
+        )
+        _check(
+            0 < self.auto_bandwidth_gbs < float("inf"),
+            f"pipeline.auto_bandwidth_gbs must be a finite number > 0 (got "
+            f"{self.auto_bandwidth_gbs})",
+        )
         _check(self.threads >= 1, f"pipeline.threads must be >= 1 (got {self.threads})")
         if isinstance(self.partition, str):
             _check(
@@ -230,8 +240,13 @@ class OptimConfig:
             self.name in ("adam", "adamw", "sgd"),
             f"optim.name={self.name!r} must be adam, adamw or sgd",
         )
-        _check(self.lr > 0, f"optim.lr must be > 0 (got {self.lr})")
-        _check(self.weight_decay >= 0, f"optim.weight_decay must be >= 0 (got {self.weight_decay})")
+        # chained comparisons are False for nan, so each of these refuses nan and inf
+        _check(0 < self.lr < float("inf"), f"optim.lr must be a finite number > 0 (got {self.lr})")
+        _check(
+            0 <= self.weight_decay < float("inf"),
+            f"optim.weight_decay must be a finite number >= 0 (got {self.weight_decay})",
+        )
+        _check(0 <= self.momentum < 1, f"optim.momentum must be in [0, 1) (got {self.momentum})")
         _check(
             self.schedule in ("none", "cosine"),
             f"optim.schedule={self.schedule!r} must be none or cosine",
@@ -338,7 +353,17 @@ class BenchConfig:
         )
         bad = [x for x in self.schemes if x not in BENCH_SCHEMES]
         _check(not bad, f"bench.schemes has unknown {bad}; choose from {', '.join(BENCH_SCHEMES)}")
-        _check(all(lr > 0 for lr in self.lrs), f"bench.lrs must be > 0 (got {list(self.lrs)})")
+        _check(
+            all(0 < lr < float("inf") for lr in self.lrs),
+            f"bench.lrs must be finite numbers > 0 (got {list(self.lrs)})",
+        )
+        for key in ("batch_size", "eval_every", "max_epochs"):
+            value = getattr(self, key)
+            _check(value >= 1, f"bench.{key} must be >= 1 (got {value})")
+        _check(
+            0 < self.target_accuracy <= 1,
+            f"bench.target_accuracy must be in (0, 1] (got {self.target_accuracy})",
+        )
         _check(
             all(s >= 1 for s in self.stages), f"bench.stages must be >= 1 (got {list(self.stages)})"
         )
@@ -593,11 +618,11 @@ def compose_config(overrides: list[str]) -> Config:
         try:
             dcfg = compose(config_name="config", overrides=list(overrides))
         except Exception as e:  # hydra's own errors: unknown key, group option, bad syntax
-            raise ConfigError(_hydra_error_line(e)) from None
+            raise ConfigError(hydra_error_line(e)) from None
     return to_config(dcfg)
 
 
-def _hydra_error_line(e: BaseException) -> str:
+def hydra_error_line(e: BaseException) -> str:
     """hydra's error and its cause in one line: 'Could not override 'train.x': Key 'x' not in
     'TrainConfig'', or the options of a missing group member."""
     line = str(e).strip().splitlines()[0]

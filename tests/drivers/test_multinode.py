@@ -98,3 +98,26 @@ def test_killing_one_node_ends_the_other_with_the_reason(tmp_path):
     ours = [line for line in err.splitlines() if line.startswith("sidpipe: error:")]
     assert ours and "lost the connection to a neighbouring stage" in ours[0], err[-3000:]
     assert "lost the connection" in (run_dir / "failure.txt").read_text()
+
+
+@pytest.mark.multiprocess
+def test_a_killed_two_node_run_resumes_from_the_shared_directory(tmp_path, monkeypatch):
+    """Both nodes die after the checkpoint at step 10 (stage 1 killed at step 15); the same
+    two-node command with resume=auto continues from it and ends where one uninterrupted
+    node ends."""
+    ckpt = [*TINY, *STEPS, "checkpoint.every_n_steps=10", "pipeline.timeout_s=30"]
+    one, two = tmp_path / "one", tmp_path / "two"
+    r = run_cli([*ckpt, "pipeline.stages=2"], one)
+    assert r.returncode == 0, r.stderr[-2000:]
+    monkeypatch.setenv("SIDPIPE_FAULT", "stage=1,step=15,kind=kill")
+    first = finish(start_nodes(tmp_path, two, ckpt))
+    monkeypatch.delenv("SIDPIPE_FAULT")
+    assert all(code != 0 for code, _, _ in first)
+    assert (two / "checkpoints" / "step_00000010").is_dir()
+    assert not (two / "summary.json").exists()
+    for code, _, err in finish(start_nodes(tmp_path, two, [*ckpt, "resume=auto"])):
+        assert code == 0, err[-3000:]
+    want, got = load_state(one), load_state(two)
+    for key in want:
+        assert torch.equal(got[key], want[key]), key
+    assert read_summary(two)["steps"] == 25

@@ -55,10 +55,10 @@ from sidpipe.models.partition import StageModule, partition_blocks
 from sidpipe.runtime.device import select_device, set_threads
 from sidpipe.runtime.io import timed_call
 
-# One message between two processes costs this much beyond bytes / bandwidth: the
-# round trip of a small gloo send/recv between two CPU processes on this kind of machine,
-# halved (see benchmarks/results/sim-vs-measured-*/README.md for the measurement).
-LINK_LATENCY_S = 100e-6
+# One message between two processes costs this much beyond bytes / bandwidth: half the
+# round trip of a 4-byte gloo send/recv between two processes pinned to two cores of the
+# 2-core bench machine: 71 us (benchmarks/results/sim-vs-measured-2026-12-01/README.md).
+LINK_LATENCY_S = 70e-6
 Action = tuple[str, int, int]  # (kind F | B | I | W, pipeline stage, microbatch)
 Link = tuple[float, float]  # (bandwidth in bytes/s, latency in s); None = free transfers
 
@@ -194,7 +194,9 @@ def measure_stage_times(
 # ---- torch's schedules, offline ---------------------------------------------------------
 
 
-def schedule_actions(schedule: Schedule, ranks: int, m: int, per_rank: int = 1) -> list[list]:
+def schedule_actions(
+    schedule: Schedule, ranks: int, m: int, per_rank: int = 1
+) -> list[list[Action]]:
     """Each rank's compute actions (kind, stage, microbatch), in the order torch runs them.
 
     The schedule is built on a "fake" process group (construction only, nothing is sent)

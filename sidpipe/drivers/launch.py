@@ -13,6 +13,7 @@ import json
 import logging
 import math
 import os
+import re
 import signal
 import socket
 import sys
@@ -157,22 +158,33 @@ def spawn(cfg: Config, run_dir: Path) -> dict[str, Any]:
     except ChildFailedError as e:
         reason = run_dir / FAILURE_FILE
         detail = reason.read_text().strip() if reason.exists() else "no stage reported a reason"
+        first = re.match(r"\[stage (\d+)\]", detail)
+        reporter = int(first.group(1)) if first else None
         raise TrainingError(
-            f"pipeline failed: {_failure_line(e)}; first reported: {detail}"
+            f"pipeline failed: {_failure_line(e, reporter)}; first reported: {detail}"
         ) from None
     return results[0]
 
 
-def _failure_line(e: Any) -> str:
+def _failure_line(e: Any, reporter: int | None = None) -> str:
     """Which stage died and how. A stage killed by a signal (not the agent's SIGTERM
-    teardown) is the cause; otherwise the first stage that exited with an error."""
-    failures = sorted(e.failures.items())
-    killed = [(r, f) for r, f in failures if f.exitcode < 0 and f.signal_name() != "SIGTERM"]
-    errored = [(r, f) for r, f in failures if f.exitcode > 0]
-    rank, failure = (killed or errored or failures)[0]
-    how = (
-        f"was killed by signal {failure.signal_name()}"
-        if failure.exitcode < 0
-        else f"exited with code {failure.exitcode}"
-    )
+    teardown) is the cause; otherwise the stage that reported first (failure.txt), so the
+    headline and the reason name the same stage (the agent may record only a peer that
+    stopped because of it); otherwise the first stage that exited with an error."""
+    failures = dict(sorted(e.failures.items()))
+    killed = [r for r, f in failures.items() if f.exitcode < 0 and f.signal_name() != "SIGTERM"]
+    errored = [r for r, f in failures.items() if f.exitcode > 0]
+    if killed:
+        rank = killed[0]
+    elif reporter is not None:
+        rank = reporter
+    else:
+        rank = (errored or list(failures))[0]
+    failure = failures.get(rank)
+    if failure is None:
+        how = "failed first"
+    elif failure.exitcode < 0:
+        how = f"was killed by signal {failure.signal_name()}"
+    else:
+        how = f"exited with code {failure.exitcode}"
     return f"stage {rank} {how}; the others were stopped"

@@ -151,6 +151,20 @@ def test_faults_stop_every_process(kind, reason, tmp_path):
 
 
 @pytest.mark.multiprocess
+def test_the_headline_names_the_stage_that_failed(tmp_path):
+    """A fault in the last stage: the others stop because of it, and the launcher's headline
+    names stage 2 (the first reporter), not the lowest rank that exited with an error."""
+    r = run_cli(
+        [*TINY, "pipeline.stages=3", "train.epochs=3", "train.log_every=1"],
+        tmp_path,
+        timeout=90,
+        env={"SIDPIPE_FAULT": "stage=2,step=5,kind=raise"},
+    )
+    assert_run_stopped(r, "pipeline failed: stage 2 ", tmp_path)
+    assert "first reported: [stage 2] step 5: RuntimeError: injected fault" in r.stderr
+
+
+@pytest.mark.multiprocess
 @pytest.mark.parametrize(
     "overrides,message",
     [

@@ -40,6 +40,9 @@ def test_requeue_of_a_finished_run_changes_nothing(tmp_path, capsys):
     assert all(p.stat().st_mtime_ns == t for p, t in stamps.items())
     with pytest.raises(ConfigError, match="finished with another config .*optim.lr=0.001, now"):
         train(tmp_path, *CKPT, "resume=auto", "optim.lr=0.01")
+    # training a finished run further (a longer run) continues from its newest checkpoint
+    longer = train(tmp_path, *CKPT, "resume=auto", "train.max_steps=16")
+    assert longer["steps"] == 16
 
 
 def test_resume_auto_after_an_attempt_without_checkpoints_starts_clean(tmp_path):

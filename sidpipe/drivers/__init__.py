@@ -16,6 +16,8 @@ from sidpipe.drivers.single import train_single
 from sidpipe.errors import ConfigError
 from sidpipe.runtime.checkpoint import checkpoint_root, latest_good, published
 
+# Keys a finished run may be resumed with, to train it further
+RUN_LENGTH = ("train.epochs=", "train.max_steps=")
 # What a run writes into its directory (hydra's own .hydra/ and *.log are not ours).
 RUN_OUTPUTS = ("summary.json", "metrics.jsonl", "model", "failure.txt", "trace.json",
                "partition_auto.json")  # fmt: skip
@@ -24,7 +26,8 @@ RUN_OUTPUTS = ("summary.json", "metrics.jsonl", "model", "failure.txt", "trace.j
 def prepare_run_dir(cfg: Config, run_dir: Path) -> dict[str, Any] | None:
     """A run directory holds one run, never a mix of two. A fresh run (no resume=) refuses a
     directory that holds another run's outputs; resume=auto on a finished run returns its
-    summary untouched (a cluster requeue); resume=auto with nothing to resume removes the
+    summary untouched (a cluster requeue), or continues it if only train.epochs or
+    train.max_steps changed (train it further); resume=auto with nothing to resume removes the
     outputs of the attempt that died before its first checkpoint, then starts clean."""
     used = [n for n in RUN_OUTPUTS if (run_dir / n).exists()]
     ckpts = published(checkpoint_root(cfg, run_dir))
@@ -39,12 +42,15 @@ def prepare_run_dir(cfg: Config, run_dir: Path) -> dict[str, Any] | None:
     if cfg.resume == "auto" and (run_dir / "summary.json").exists():
         summary = json.loads((run_dir / "summary.json").read_text())
         changed = _changed(summary.get("config", {}), to_dict(cfg))
-        if changed:
-            raise ConfigError(
-                f"the run in {run_dir} finished with another config ({'; '.join(changed[:3])}):"
-                " resume=auto would not train anything; give the new run its own hydra.run.dir"
-            )
-        return summary
+        if not changed:
+            return summary
+        if all(c.startswith(RUN_LENGTH) for c in changed):
+            return None  # a longer run: continue from its newest checkpoint
+        raise ConfigError(
+            f"the run in {run_dir} finished with another config ({'; '.join(changed[:3])}); "
+            "resume=auto continues a run only with the same config (train.epochs and "
+            "train.max_steps may grow): give the new run its own hydra.run.dir"
+        )
     if cfg.resume == "auto" and latest_good(checkpoint_root(cfg, run_dir)) is None:
         for name in used:  # a died attempt's partial outputs: nothing of it can be continued
             path = run_dir / name

@@ -609,14 +609,17 @@ def to_config(dcfg: Any) -> Config:
     return cfg
 
 
-def compose_config(overrides: list[str]) -> Config:
-    """The config `sidpipe train` would run with these overrides, checked (no hydra app)."""
+def compose_config(
+    overrides: list[str], config_dir: str = CONF_DIR, config_name: str = "config"
+) -> Config:
+    """The config `sidpipe train` would run with these overrides, checked (no hydra app);
+    config_dir/config_name: another primary config (eval composes on a saved run's)."""
     from hydra import compose, initialize_config_dir
 
     register_configs()
-    with initialize_config_dir(config_dir=CONF_DIR, version_base=None):
+    with initialize_config_dir(config_dir=config_dir, version_base=None):
         try:
-            dcfg = compose(config_name="config", overrides=list(overrides))
+            dcfg = compose(config_name=config_name, overrides=list(overrides))
         except Exception as e:  # hydra's own errors: unknown key, group option, bad syntax
             raise ConfigError(hydra_error_line(e)) from None
     return to_config(dcfg)
@@ -625,7 +628,10 @@ def compose_config(overrides: list[str]) -> Config:
 def hydra_error_line(e: BaseException) -> str:
     """hydra's error and its cause in one line: 'Could not override 'train.x': Key 'x' not in
     'TrainConfig'', or the options of a missing group member."""
-    line = str(e).strip().splitlines()[0]
+    lines = [x.strip() for x in str(e).splitlines() if x.strip()]
+    line = lines[0]
+    if line.endswith(":") and len(lines) > 1:  # "In 'x': ... while composing config:"
+        line += " " + lines[1]
     if e.__cause__ is not None:
         line += ": " + str(e.__cause__).strip().splitlines()[0]
     options = getattr(e, "options", None)

@@ -32,9 +32,7 @@ from sidpipe.config import (
     Config,
     Method,
     Variant,
-    hydra_error_line,
-    register_configs,
-    to_config,
+    compose_config,
 )
 from sidpipe.data import DATASET_SHAPES, DataBundle, eval_splits, load_data
 from sidpipe.errors import CheckpointError, ConfigError, SidpipeError, fail
@@ -68,9 +66,6 @@ def compose_saved(raw: dict[str, Any], overrides: list[str]) -> Config:
     saved data section (the section's other keys, data.root too, stay the run's), a key
     (`data.root=DIR`) sets that key, `+experiment=...` applies an experiment. Checked like
     train's config; hydra's and the schema's errors are one line."""
-    from hydra import compose, initialize_config_dir
-
-    register_configs()
     # the config groups of conf/config.yaml's defaults list (experiment: optional, below)
     groups = sorted(p.name for p in Path(CONF_DIR).iterdir()
                     if p.is_dir() and p.name != "experiment")  # fmt: skip
@@ -87,22 +82,10 @@ def compose_saved(raw: dict[str, Any], overrides: list[str]) -> Config:
             (Path(tmp) / g).mkdir()
             (Path(tmp) / g / f"{_SAVED}.yaml").write_text("{}\n")
         OmegaConf.save(OmegaConf.create(primary), Path(tmp) / "run_config.yaml")
-        with initialize_config_dir(config_dir=tmp, version_base=None):
-            try:
-                dcfg = compose(config_name="run_config", overrides=list(overrides))
-            except Exception as e:  # hydra's own errors: unknown key, group option, bad syntax
-                raise ConfigError(_hydra_line(e)) from None
-    return to_config(dcfg)
-
-
-def _hydra_line(e: BaseException) -> str:
-    """hydra's error in one line; "In 'x': ConfigKeyError raised while composing config:"
-    says nothing by itself, so the line after it (the reason) is added."""
-    line = hydra_error_line(e)
-    lines = [x.strip() for x in str(e).splitlines() if x.strip()]
-    if line.endswith(":") and len(lines) > 1:
-        line += " " + lines[1]
-    return re.sub(rf"\b{_SAVED}, |, {_SAVED}\b", "", line)  # not an option users choose
+        try:
+            return compose_config(overrides, config_dir=tmp, config_name="run_config")
+        except ConfigError as e:  # `saved_run` is not an option users choose
+            raise ConfigError(re.sub(rf"\b{_SAVED}, |, {_SAVED}\b", "", str(e))) from None
 
 
 def compose_for_eval(saved: dict[str, Any], overrides: list[str], side: Path) -> Config:

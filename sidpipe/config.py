@@ -91,7 +91,10 @@ class Precision(str, Enum):
 class ModelConfig:
     name: str = "mlp"
     blocks: int | None = None  # group the model's natural layers into this many blocks
-    width: int = 256  # mlp hidden width
+    # The model's width; None = the architecture's standard. mlp: hidden units (256);
+    # resnet18 / vgg11: channels of the first stage (64; later stages 2x, 4x, 8x); simplecnn:
+    # channels of the first conv (32); vit_tiny: embedding dim (192, a multiple of its 3 heads)
+    width: int | None = None
     depth: int = 4  # mlp layers
     head_hidden: int = 256  # belief-head hidden width; 0 = linear head
     # model=custom: "pkg.module:function" (or "pkg.module.function"), called as
@@ -108,7 +111,17 @@ class ModelConfig:
             self.blocks is None or self.blocks >= 1,
             f"model.blocks must be >= 1 (got {self.blocks})",
         )
-        _check(self.width >= 1, f"model.width must be >= 1 (got {self.width})")
+        _check(
+            self.width is None or self.width >= 1, f"model.width must be >= 1 (got {self.width})"
+        )
+        _check(
+            not (self.name == "vit_tiny" and self.width is not None and self.width % 3),
+            f"model.width={self.width} must be a multiple of vit_tiny's 3 attention heads",
+        )
+        _check(
+            not (self.name == "custom" and self.width is not None),
+            "model.width does not apply to model=custom (pass it in model.kwargs)",
+        )
         _check(self.depth >= 1, f"model.depth must be >= 1 (got {self.depth})")
         _check(self.head_hidden >= 0, f"model.head_hidden must be >= 0 (got {self.head_hidden})")
         _check(

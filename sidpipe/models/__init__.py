@@ -119,12 +119,18 @@ def _float(x: Tensor) -> torch.dtype:
     return x.dtype if x.is_floating_point() else torch.get_default_dtype()
 
 
+def _width(cfg: Any, standard: int) -> int:
+    """model.width, or the architecture's standard width when it is not set."""
+    width = getattr(cfg, "width", None)
+    return standard if width is None else int(width)
+
+
 _BUILDERS: dict[str, Callable[[Any, tuple[int, ...], int], list[nn.Module]]] = {
-    "mlp": lambda cfg, s, k: mlp_layers(s, width=int(cfg.width), depth=int(cfg.depth)),
-    "simplecnn": lambda cfg, s, k: simplecnn_layers(s),
-    "vgg11": lambda cfg, s, k: vgg11_layers(s),
-    "resnet18": lambda cfg, s, k: resnet18_layers(s),
-    "vit_tiny": lambda cfg, s, k: vit_tiny_layers(s),
+    "mlp": lambda cfg, s, k: mlp_layers(s, width=_width(cfg, 256), depth=int(cfg.depth)),
+    "simplecnn": lambda cfg, s, k: simplecnn_layers(s, width=_width(cfg, 32)),
+    "vgg11": lambda cfg, s, k: vgg11_layers(s, width=_width(cfg, 64)),
+    "resnet18": lambda cfg, s, k: resnet18_layers(s, width=_width(cfg, 64)),
+    "vit_tiny": lambda cfg, s, k: vit_tiny_layers(s, dim=_width(cfg, 192)),
     "custom": lambda cfg, s, k: custom_layers(cfg.target, s, k, dict(cfg.kwargs or {})),
 }
 assert tuple(_BUILDERS) == MODEL_NAMES
@@ -146,8 +152,8 @@ def natural_layers(cfg: Any, in_shape: tuple[int, ...], num_classes: int = 10) -
 def build_model(cfg: Any, in_shape: tuple[int, ...], num_classes: int) -> BlockNet:
     """Build cfg.name for inputs of `in_shape` and `num_classes` classes.
 
-    cfg needs `name`, `blocks`, `width`, `depth`, `head_hidden` (width/depth only shape the
-    mlp; the conv nets and the ViT have fixed architectures).
+    cfg needs `name`, `blocks`, `width`, `depth`, `head_hidden` (width: None = the
+    architecture's standard, see ModelConfig; depth only shapes the mlp).
     """
     layers = natural_layers(cfg, in_shape, num_classes)
     return BlockNet(

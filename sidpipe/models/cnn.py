@@ -17,8 +17,9 @@ def _check_image(in_shape: tuple[int, ...], model: str) -> tuple[int, int, int]:
     return c, h, w
 
 
-def simplecnn_layers(in_shape: tuple[int, ...]) -> list[nn.Module]:
+def simplecnn_layers(in_shape: tuple[int, ...], width: int = 32) -> list[nn.Module]:
     """Four conv stages 32-64-128-128 (3x3, pad 1, ReLU); max-pool(2) after stages 2 and 4.
+    `width` scales them as width x (1, 2, 4, 4).
 
     Matches the reference SID FeatureExtractor's conv part (ychAlbert/sid_bp, sid.py): conv ->
     ReLU, pool after the 2nd and 4th ReLU, default PyTorch init, built in the same order. A
@@ -26,7 +27,7 @@ def simplecnn_layers(in_shape: tuple[int, ...]) -> list[nn.Module]:
     """
     c, h, w = _check_image(in_shape, "simplecnn")
     layers: list[nn.Module] = []
-    for i, out in enumerate((32, 64, 128, 128)):
+    for i, out in enumerate((width, 2 * width, 4 * width, 4 * width)):
         mods: list[nn.Module] = [nn.Conv2d(c, out, kernel_size=3, padding=1), nn.ReLU()]
         if i in (1, 3) and h >= 2 and w >= 2:
             mods.append(nn.MaxPool2d(2))
@@ -36,8 +37,9 @@ def simplecnn_layers(in_shape: tuple[int, ...]) -> list[nn.Module]:
     return layers
 
 
-def vgg11_layers(in_shape: tuple[int, ...]) -> list[nn.Module]:
+def vgg11_layers(in_shape: tuple[int, ...], width: int = 64) -> list[nn.Module]:
     """Eight natural layers: conv3x3+BN+ReLU each, with the following max-pool attached.
+    Channels are VGG11_CFG's scaled by width / 64 (64 is the standard VGG-11).
 
     Pools are skipped once H or W < 2, so 28x28 and 8x8 inputs work (32x32 ends at 1x1).
     """
@@ -49,7 +51,7 @@ def vgg11_layers(in_shape: tuple[int, ...]) -> list[nn.Module]:
                 layers[-1].append(nn.MaxPool2d(2))
                 h, w = h // 2, w // 2
             continue
-        out = int(v)
+        out = int(v) * width // 64
         layers.append(
             [
                 nn.Conv2d(c, out, kernel_size=3, padding=1, bias=False),

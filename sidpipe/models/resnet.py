@@ -28,13 +28,16 @@ class BasicBlock(nn.Module):
         return (out + self.shortcut(x)).relu()
 
 
-def resnet18_layers(in_shape: tuple[int, ...]) -> list[nn.Module]:
-    """Eight natural layers = the eight BasicBlocks; the stem is prepended to the first."""
+def resnet18_layers(in_shape: tuple[int, ...], width: int = 64) -> list[nn.Module]:
+    """Eight natural layers = the eight BasicBlocks; the stem is prepended to the first.
+    Stage channels are width x (1, 2, 4, 8): 64 is the standard ResNet-18."""
     c, _, _ = _check_image(in_shape, "resnet18")
-    stem = nn.Sequential(nn.Conv2d(c, 64, 3, padding=1, bias=False), nn.BatchNorm2d(64), nn.ReLU())
+    stem = nn.Sequential(
+        nn.Conv2d(c, width, 3, padding=1, bias=False), nn.BatchNorm2d(width), nn.ReLU()
+    )
     layers: list[nn.Module] = []
-    c_in = 64
-    for stage, c_out in enumerate((64, 128, 256, 512)):
+    c_in = width
+    for stage, c_out in enumerate((width, 2 * width, 4 * width, 8 * width)):
         for j in range(2):
             stride = 2 if stage > 0 and j == 0 else 1
             layers.append(BasicBlock(c_in, c_out, stride))

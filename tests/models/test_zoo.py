@@ -4,7 +4,8 @@ import pytest
 import torch
 from torch import nn
 
-from sidpipe.config import MODEL_NAMES
+from sidpipe.config import MODEL_NAMES, compose_config
+from sidpipe.errors import ConfigError
 from sidpipe.models import BlockNet, SharedSIDNet, build_model, natural_layers
 from sidpipe.models.vit import patch_size_for
 
@@ -16,7 +17,7 @@ NATURAL = {"mlp": 4, "simplecnn": 4, "vgg11": 8, "resnet18": 8, "vit_tiny": 12}
 SHAPES = [(1, 8, 8), (1, 28, 28), (3, 32, 32)]
 
 
-def cfg(name, blocks=None, width=32, depth=4, head_hidden=16):
+def cfg(name, blocks=None, width=None, depth=4, head_hidden=16):
     return SimpleNamespace(
         name=name, blocks=blocks, width=width, depth=depth, head_hidden=head_hidden
     )
@@ -116,6 +117,35 @@ def test_architecture_details():
     assert patch_size_for(28, 28) == 4 and patch_size_for(30, 30) == 3
     assert patch_size_for(14, 14) == 2
     assert patch_size_for(7, 7) == 1 and patch_size_for(8, 12) == 4
+
+
+def test_width_scales_every_architecture():
+    """model.width is the first stage's channels (conv nets) or the embedding dim (ViT); the
+    later stages keep the standard ratios."""
+    res = build_model(cfg("resnet18", width=8), (3, 32, 32), num_classes=10)
+    assert [s[0] for s in res.block_shapes()] == [8, 8, 16, 16, 32, 32, 64, 64]
+    vgg = natural_layers(cfg("vgg11", width=16), (3, 32, 32))
+    assert [layer[0].out_channels for layer in vgg] == [16, 32, 64, 64, 128, 128, 128, 128]
+    cnn = natural_layers(cfg("simplecnn", width=8), (3, 32, 32))
+    assert [layer[0].out_channels for layer in cnn] == [8, 16, 32, 32]
+    vit = build_model(cfg("vit_tiny", width=48), (3, 32, 32), num_classes=10)
+    assert vit.block_shapes() == [(64, 48)] * 12
+    small = sum(p.numel() for p in res.parameters())
+    full = sum(p.numel() for p in build_model(cfg("resnet18"), (3, 32, 32), 10).parameters())
+    assert small < full / 20  # conv parameters shrink with width squared
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["model=vit_tiny", "model.width=100"], "multiple of vit_tiny's 3 attention heads"),
+        (["model=resnet18", "model.width=0"], "model.width must be >= 1"),
+        (["model=custom", "model.target=a:b", "model.width=8"], "pass it in model.kwargs"),
+    ],
+)
+def test_width_refused_in_one_line(overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        compose_config(overrides)
 
 
 def test_tiny_spatial_inputs_skip_pools():

@@ -18,8 +18,13 @@ from hydra.core.config_store import ConfigStore
 from sidpipe.errors import ConfigError
 
 # The allowed values of model.name and data.name (the zoo and the loaders check they match).
-MODEL_NAMES = ("mlp", "simplecnn", "vgg11", "resnet18", "vit_tiny", "custom")
-DATASET_NAMES = ("digits", "mnist", "fashion_mnist", "cifar10", "cifar100", "synthetic")
+MODEL_NAMES = ("mlp", "simplecnn", "vgg11", "resnet18", "vit_tiny", "custom", "gpt")
+DATASET_NAMES = ("digits", "mnist", "fashion_mnist", "cifar10", "cifar100", "synthetic",
+                 "shakespeare", "text")  # fmt: skip
+# Byte-level text sets (sidpipe/data.py): windows of data.context bytes, 256 classes per
+# position; the models that read them are the language models
+TEXT_DATASETS = ("shakespeare", "text")
+LANGUAGE_MODELS = ("gpt",)
 
 
 def _check(ok: bool, message: str) -> None:
@@ -93,9 +98,11 @@ class ModelConfig:
     blocks: int | None = None  # group the model's natural layers into this many blocks
     # The model's width; None = the architecture's standard. mlp: hidden units (256);
     # resnet18 / vgg11: channels of the first stage (64; later stages 2x, 4x, 8x); simplecnn:
-    # channels of the first conv (32); vit_tiny: embedding dim (192, a multiple of its 3 heads)
+    # channels of the first conv (32); vit_tiny: embedding dim (192, a multiple of its 3 heads);
+    # gpt: d_model (128, a multiple of model.heads)
     width: int | None = None
-    depth: int = 4  # mlp layers
+    depth: int = 4  # mlp layers; gpt transformer layers (one natural block each)
+    heads: int = 4  # gpt attention heads
     head_hidden: int = 256  # belief-head hidden width; 0 = linear head
     # model=custom: "pkg.module:function" (or "pkg.module.function"), called as
     # function(in_shape=(C, H, W), num_classes=K, **kwargs) -> list of nn.Module layers
@@ -123,6 +130,11 @@ class ModelConfig:
             "model.width does not apply to model=custom (pass it in model.kwargs)",
         )
         _check(self.depth >= 1, f"model.depth must be >= 1 (got {self.depth})")
+        _check(self.heads >= 1, f"model.heads must be >= 1 (got {self.heads})")
+        _check(
+            not (self.name == "gpt" and (self.width or 128) % self.heads),
+            f"model.width={self.width or 128} must be a multiple of model.heads={self.heads}",
+        )
         _check(self.head_hidden >= 0, f"model.head_hidden must be >= 0 (got {self.head_hidden})")
         _check(
             (self.name == "custom") == (self.target is not None),
@@ -141,6 +153,11 @@ class DataConfig:
     label_noise: float = 0.0  # symmetric noise on training labels
     augment: bool | None = None  # None = dataset default (crop+flip for CIFAR)
     subset: int | None = None  # keep the first N training samples (quick runs)
+    # text sets: data=text reads this file (any bytes); data=shakespeare reads
+    # <root>/shakespeare/shakespeare.txt.gz. A sample is a window of `context` bytes (the
+    # model's context length) and their next bytes
+    path: str | None = None
+    context: int = 128
 
     def __post_init__(self) -> None:
         _check(
@@ -157,6 +174,13 @@ class DataConfig:
         )
         _check(
             self.subset is None or self.subset >= 1, f"data.subset must be >= 1 (got {self.subset})"
+        )
+        _check(self.context >= 1, f"data.context must be >= 1 (got {self.context})")
+        _check(
+            (self.name == "text") == (self.path is not None),
+            "data=text needs data.path=FILE (the text to train on)"
+            if self.name == "text"
+            else f"data.path applies to data=text only (data.name={self.name!r})",
         )
 
 
@@ -201,6 +225,10 @@ class PipelineConfig:
     threads: int = 1  # torch threads per stage process
     cpu_affinity: bool = False  # pin stage r to cores [r*threads, (r+1)*threads): one "device" each
     cuda_graphs: bool = False  # SID: replay each stage step as CUDA graphs (static shapes)
+    # SID: the format beliefs travel in between stages. bf16 halves their bytes (a language
+    # model's beliefs, 256 floats per position, are most of a message); lossy: the pipeline
+    # then no longer equals the fp32 sequential trainer bit for bit (docs/design.md §9)
+    belief_dtype: Precision = Precision.fp32
     # SID: message headers on their own gloo group in host memory, so reading one never waits
     # for the GPU; None = exactly when the payloads go over NCCL
     host_headers: bool | None = None
@@ -502,6 +530,18 @@ class Config:
 
     def __post_init__(self) -> None:
         # Cross-field checks: things no single group can know.
+        text, lm = self.data.name in TEXT_DATASETS, self.model.name in LANGUAGE_MODELS
+        _check(
+            text == lm,
+            f"model={self.model.name} reads a text set (data=shakespeare or data=text)"
+            if lm
+            else f"data={self.data.name} is byte-level text, which only a language model reads "
+            f"(model=gpt; got model={self.model.name})",
+        )
+        _check(
+            not (text and self.method is Method.sid and self.sid.variant is Variant.shared),
+            "sid.variant=shared is the reference image network; language models train blockwise",
+        )
         if self.method is Method.sid and self.sid.variant is Variant.shared:
             _check(
                 self.pipeline.stages == 1,

@@ -13,6 +13,8 @@ Sources, all offline-first (the README's data section):
   cifar10        <root>/cifar-10-batches-py (torchvision), else the 4,000/1,000 subset at
                  <root>/CIFAR10/cifar10_subset.npz (with a warning).
   cifar100       <root>/cifar-100-python (torchvision), fine labels.
+  shakespeare    <root>/shakespeare/shakespeare.txt.gz: byte-level text (see TextSplit)
+  text           data.path: any file, read as bytes (gzip if it ends in .gz)
 With data.download=true a missing dataset is fetched with torchvision into <root> (needs
 network and a writable root); otherwise a missing dataset is a DataError that names the path.
 
@@ -36,7 +38,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from sidpipe.config import DATASET_NAMES, Config
+from sidpipe.config import DATASET_NAMES, TEXT_DATASETS, Config
 from sidpipe.errors import DataConfigError, DataError
 
 log = logging.getLogger(__name__)
@@ -63,7 +65,8 @@ DATASET_SHAPES: dict[str, tuple[tuple[int, int, int], int]] = {
     "cifar100": ((3, 32, 32), 100),
     "synthetic": ((3, 32, 32), 10),
 }
-assert set(DATASET_SHAPES) == set(DATASET_NAMES)
+assert set(DATASET_SHAPES) | set(TEXT_DATASETS) == set(DATASET_NAMES)
+VOCAB = 256  # text sets are bytes: 256 classes at every position
 
 _IDX_FILES = (
     "train-images-idx3-ubyte",
@@ -75,7 +78,8 @@ _IDX_DIRS = {"mnist": "MNIST", "fashion_mnist": "FashionMNIST"}
 
 # Stream tags: each random decision gets its own stream derived from the run seed, so adding a
 # validation split does not change the label noise, and shuffling does not change augmentation.
-_VAL, _NOISE, _SHUFFLE, _AUGMENT = 1, 2, 3, 4
+_VAL, _NOISE, _SHUFFLE, _AUGMENT, _WINDOWS = 1, 2, 3, 4, 5
+TEST_FRACTION = 0.05  # text sets: the last 5% of the bytes are the test split
 _PAD = 4  # random-crop padding in pixels (the standard CIFAR recipe)
 
 
@@ -90,12 +94,25 @@ class Split:
 
 
 @dataclass
+class TextSplit:
+    """A contiguous run of bytes. Its samples are windows of `context` input bytes and the
+    `context` bytes that follow each (the next-byte targets), so a window spans context+1
+    bytes. Its length is the number of disjoint windows (one epoch = about one pass)."""
+
+    data: Tensor  # uint8 (N,)
+    context: int
+
+    def __len__(self) -> int:
+        return max(0, (int(self.data.numel()) - 1) // self.context)
+
+
+@dataclass
 class DataBundle:
     name: str
-    train: Split
-    val: Split | None
-    test: Split
-    in_shape: tuple[int, int, int]  # (C, H, W)
+    train: Split | TextSplit
+    val: Split | TextSplit | None
+    test: Split | TextSplit
+    in_shape: tuple[int, ...]  # (C, H, W); text: (context,)
     num_classes: int
     mean: tuple[float, ...]
     std: tuple[float, ...]
@@ -432,6 +449,70 @@ def _number(cfg: Any, key: str, default: float) -> float:
     return float(v)
 
 
+def _read_text(cfg: Any) -> tuple[Path, bytes]:
+    if cfg.name == "text":
+        if not getattr(cfg, "path", None):
+            raise DataConfigError("data=text needs data.path=FILE (the text to train on)")
+        path = Path(cfg.path).expanduser().absolute()
+    else:
+        path = resolve_root(getattr(cfg, "root", None)) / "shakespeare" / "shakespeare.txt.gz"
+    if not path.is_file():
+        hint = ("point data.root / SIDPIPE_DATA at a folder that holds shakespeare/"
+                if cfg.name == "shakespeare" else "check data.path")  # fmt: skip
+        raise DataError(f"text file {path} not found ({hint})")
+    try:
+        opener = gzip.open if path.suffix == ".gz" else open
+        with opener(path, "rb") as f:
+            raw = f.read()
+    except (OSError, EOFError, zlib.error) as e:
+        raise DataError(f"cannot read {path}: {_one_line(e) or type(e).__name__}") from e
+    if not raw:
+        raise DataError(f"text file {path} is empty")
+    return path, raw
+
+
+def _load_text(cfg: Any, name: str, val_fraction: float, seed: int) -> DataBundle:
+    """Contiguous splits, in file order: train | validation | test (the last 5%). Windows
+    never cross a split boundary, so no byte of one split is a target in another."""
+    for key in ("label_noise", "augment"):
+        if getattr(cfg, key, None):
+            raise DataConfigError(f"data.{key} does not apply to text (data={name})")
+    path, raw = _read_text(cfg)
+    context = int(getattr(cfg, "context", 128))
+    data = torch.frombuffer(bytearray(raw), dtype=torch.uint8)
+    n = data.numel()
+    n_test = int(round(TEST_FRACTION * n))
+    n_val = int(round(val_fraction * n))
+    n_train = n - n_val - n_test
+    subset = getattr(cfg, "subset", None)
+    if subset is not None:  # the first N training windows
+        n_train = min(n_train, subset * context + 1)
+    parts = {"training": (0, n_train), "validation": (n - n_test - n_val, n - n_test),
+             "test": (n - n_test, n)}  # fmt: skip
+    for what, (a, b) in parts.items():
+        if what == "validation" and not n_val:
+            continue
+        if b - a < context + 1:
+            raise DataConfigError(
+                f"data.context={context} is longer than the {what} split of {path} "
+                f"({b - a} bytes; a window needs context+1): use a shorter data.context or "
+                "a longer text"
+            )
+    splits = {k: TextSplit(data[a:b].clone(), context) for k, (a, b) in parts.items()}
+    return DataBundle(
+        name=name,
+        train=splits["training"],
+        val=splits["validation"] if n_val else None,
+        test=splits["test"],
+        in_shape=(context,),
+        num_classes=VOCAB,
+        mean=(),
+        std=(),
+        augment=False,
+        noise_rate=0.0,
+    )
+
+
 def load_data(cfg: Any, seed: int) -> DataBundle:
     """Load the dataset described by `cfg` (a DataConfig or anything with the same attributes;
     missing ones take their defaults) and apply subset, validation hold-out and label noise."""
@@ -440,6 +521,8 @@ def load_data(cfg: Any, seed: int) -> DataBundle:
         raise DataConfigError(
             f"data.name={name!r} is unknown; choose one of {', '.join(DATASET_NAMES)}"
         )
+    if name in TEXT_DATASETS:
+        return _load_text(cfg, name, _number(cfg, "val_fraction", 0.0), seed)
     val_fraction = _number(cfg, "val_fraction", 0.0)
     label_noise = _number(cfg, "label_noise", 0.0)
     subset = getattr(cfg, "subset", None)
@@ -577,12 +660,59 @@ class Batches:
         return out.permute(0, 3, 1, 2).contiguous()
 
 
+class TextBatches:
+    """Batches of byte windows, with the interface of `Batches`: (x, y), both int64 (B, T),
+    y = x shifted by one byte. Training (shuffle): each batch draws B window starts anywhere
+    in the split from (seed, epoch, batch index) alone, so a resume reproduces it exactly.
+    Evaluation: the disjoint windows in order, every byte of the split scored once."""
+
+    def __init__(
+        self,
+        split: TextSplit,
+        batch_size: int,
+        shuffle: bool,
+        seed: int,
+        drop_last: bool = False,
+        device: torch.device | str | None = None,
+    ) -> None:
+        if batch_size < 1:
+            raise ValueError(f"train.batch_size must be >= 1 (got {batch_size})")
+        self.split, self.batch_size, self.shuffle = split, batch_size, shuffle
+        self.seed, self.drop_last = seed, drop_last
+        self.device = torch.device(device) if device is not None else split.data.device
+        self._data = split.data.to(self.device)
+        self._offsets = torch.arange(split.context + 1, device=self.device)
+
+    def __len__(self) -> int:
+        n = len(self.split)
+        return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
+
+    def epoch(self, epoch: int, start: int = 0) -> Iterator[tuple[Tensor, Tensor]]:
+        if not 0 <= start <= len(self):
+            raise ValueError(f"start={start} is outside 0..{len(self)} batches per epoch")
+        return self._iter(epoch, start)
+
+    def _iter(self, epoch: int, start: int) -> Iterator[tuple[Tensor, Tensor]]:
+        bs, t = self.batch_size, self.split.context
+        last_start = self._data.numel() - t - 1  # the last window's first byte
+        for b in range(start, len(self)):
+            if self.shuffle:
+                g = _torch_gen(self.seed, epoch, b, _WINDOWS)
+                starts = torch.randint(0, last_start + 1, (bs,), generator=g)
+            else:
+                starts = torch.arange(b * bs, min((b + 1) * bs, len(self.split))) * t
+            w = self._data[starts.to(self.device)[:, None] + self._offsets].long()
+            yield w[:, :-1], w[:, 1:]
+
+
 def train_batches(
     cfg: Config, data: DataBundle, device: torch.device | None = None, drop_last: bool = False
-) -> Batches:
+) -> Batches | TextBatches:
     """device: keep the images there once (a GPU slices, augments and normalises its own
     batches; no per-batch host work or copy). Same values as on the CPU."""
     device = device if cfg.train.data_on_device else None
+    if isinstance(data.train, TextSplit):
+        return TextBatches(data.train, cfg.train.batch_size, True, cfg.seed, drop_last, device)
     return Batches(
         data.train, data, cfg.train.batch_size, shuffle=True, seed=cfg.seed,
         augment=data.augment, drop_last=drop_last, device=device,
@@ -591,9 +721,12 @@ def train_batches(
 
 def eval_splits(
     cfg: Config, data: DataBundle, device: torch.device | None = None
-) -> dict[str, Batches]:
+) -> dict[str, Batches | TextBatches]:
     device = device if cfg.train.data_on_device else None
     splits = {"test": data.test} | ({"val": data.val} if data.val is not None else {})
+    if isinstance(data.test, TextSplit):
+        return {name: TextBatches(split, cfg.train.eval_batch_size, False, cfg.seed,  # type: ignore[arg-type]
+                                  device=device) for name, split in splits.items()}  # fmt: skip
     return {
         name: Batches(split, data, cfg.train.eval_batch_size, False, cfg.seed, device=device)
         for name, split in splits.items()

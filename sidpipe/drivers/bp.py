@@ -54,11 +54,12 @@ from torch.distributed.pipelining import (
 )
 
 from sidpipe.config import Config, Schedule
-from sidpipe.data import Batches, DataBundle, eval_splits, train_batches
+from sidpipe.data import Batches, DataBundle, TextBatches, TextSplit, eval_splits, train_batches
 from sidpipe.drivers.runner import SPLITS, Fault, LossMeter, StageRunner, global_state_dict
 from sidpipe.errors import TrainingError
 from sidpipe.method.loss import at_least_fp32
 from sidpipe.method.stage import autocast, build_optimizer
+from sidpipe.method.step import LN2, depth_scores
 from sidpipe.models.partition import StageModule
 from sidpipe.runtime.cadence import EventKind, cadence, steps_per_epoch, total_steps
 from sidpipe.runtime.dist import DistContext
@@ -105,12 +106,18 @@ def check_bp_layout(cfg: Config, data: DataBundle, net: nn.Module) -> None:
         )
 
 
-def label_batches(split_batches: Batches, data: DataBundle) -> Batches:
+def label_batches(
+    split_batches: Batches | TextBatches, data: DataBundle
+) -> Batches | TextBatches:
     """The same batches (order, sizes) as `split_batches`, cheap: images cut to one pixel.
 
     The sample order depends only on (seed, epoch), so the labels match the full batches the
-    first stage iterates exactly; augmentation touches only the images.
+    first stage iterates exactly; augmentation touches only the images. Text windows are
+    cheap as they are: the same iterator, on the host.
     """
+    if isinstance(split_batches, TextBatches):
+        return TextBatches(split_batches.split, split_batches.batch_size, split_batches.shuffle,
+                           split_batches.seed, split_batches.drop_last)  # fmt: skip
     split = split_batches.split
     tiny = dataclasses.replace(split, x=split.x[:, :, :1, :1])
     return Batches(
@@ -293,7 +300,8 @@ class BPStageRunner(StageRunner):
     def _loss(self, logits: Tensor, y: Tensor) -> Tensor:
         prev = self.clock.state
         self.clock.enter(Span.LOSS)
-        loss = F.cross_entropy(logits, y) / self.m
+        # (B, T, V) logits of a language model: every position is a prediction
+        loss = F.cross_entropy(logits.flatten(0, -2), y.flatten()) / self.m
         self.clock.enter(prev)
         return loss
 
@@ -356,15 +364,16 @@ class BPStageRunner(StageRunner):
 
     # ---- evaluation: forward only, through the stages -----------------------------------
     @torch.no_grad()
-    def evaluate(self, name: str, split: Batches) -> float | None:
-        """One split through the stages in order, batch by batch (forward only); the
-        accuracy on the rank holding the last stage, None elsewhere."""
+    def evaluate(self, name: str, split: Batches | TextBatches) -> tuple[float, float] | None:
+        """One split through the stages in order, batch by batch (forward only); (accuracy,
+        bits per prediction) on the rank holding the last stage, None elsewhere."""
         for module in self.modules:
             module.eval()
             module.fault = None  # the fault hook is for training steps
         labels = label_batches(split, self.data).epoch(0) if self.last else None
         inputs = split.epoch(0) if self.first else None
-        hits, n, rank, transport = 0, 0, self.ctx.rank, self.eval_transport
+        rank, transport = self.ctx.rank, self.eval_transport
+        total = torch.zeros(1, 3, dtype=torch.float64)
         for _ in range(len(split)):
             h: Tensor | None = None
             for stage, module in zip(self.stage_ids, self.modules):
@@ -382,8 +391,7 @@ class BPStageRunner(StageRunner):
                     _, y = next(labels)
                     if y.shape[0] != h.shape[0]:
                         raise TrainingError(f"evaluation of {name}: labels and batches out of step")
-                    hits += int((h.argmax(-1).cpu() == y).sum())
-                    n += y.shape[0]
+                    total += depth_scores([h.cpu()], y)  # [hits, count, nll]
                 elif self.owner(stage + 1) != rank:
                     self.clock.enter(Span.SEND_WAIT)
                     transport.send(Message(Kind.EVAL, h=h), dst=self.owner(stage + 1))
@@ -392,7 +400,8 @@ class BPStageRunner(StageRunner):
         for module in self.modules:
             module.fault = self.fault
             module.train()
-        return hits / n if self.last and n else None
+        hits, n, nll = total[0].tolist()
+        return (hits / n, nll / n / LN2) if self.last and n else None
 
     def run_eval(self, step: int, epoch: int) -> None:
         """Every split through the pipeline; the last stage records and prints the result."""
@@ -401,9 +410,11 @@ class BPStageRunner(StageRunner):
                                   "train_s": self.state.train_s}  # fmt: skip
         for name in SPLITS:
             if name in splits:
-                acc = self.evaluate(name, splits[name])
-                if acc is not None:
-                    record[f"{name}_per_depth"] = [acc]
+                scores = self.evaluate(name, splits[name])
+                if scores is not None:
+                    record[f"{name}_per_depth"] = [scores[0]]
+                    if isinstance(self.data.test, TextSplit):
+                        record[f"{name}_bpb_per_depth"] = [scores[1]]
         if self.last:
             self.state.history.add(record)
             self.metrics.log(record)

@@ -18,16 +18,43 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from sidpipe.config import Config
+from sidpipe.config import Config, Precision
 from sidpipe.data import eval_splits, train_batches
 from sidpipe.drivers.runner import SPLITS, LossMeter, StageRunner, global_state_dict
+from sidpipe.errors import ConfigError
 from sidpipe.method.stage import SIDStage
-from sidpipe.models.heads import uniform_prior
+from sidpipe.method.step import LN2, depth_scores
 from sidpipe.runtime.cadence import EventKind, cadence, total_steps
 from sidpipe.runtime.dist import DistContext
 from sidpipe.runtime.io import save_state
 from sidpipe.runtime.trace import Span
 from sidpipe.runtime.transport import Kind, LoopbackTransport, Message, Transport
+
+
+def to_wire(msg: Message, bf16: bool) -> Message:
+    """The codec carries a belief as (rows, width) fp32 and labels as a vector: a language
+    model's (B, T, V) beliefs and (B, T) targets travel flattened per sample. bf16 beliefs
+    travel as the same bits viewed as fp32 (half the width), so the codec needs no new
+    field and the transport counts the bytes that really move."""
+    if msg.p is None or msg.y is None:
+        return msg
+    p = msg.p.reshape(msg.p.shape[0], -1)
+    if bf16:
+        p = p.to(torch.bfloat16).view(torch.float32)
+    return Message(msg.kind, msg.step, msg.epoch, msg.h, p, msg.y.reshape(-1), msg.split)
+
+
+def from_wire(msg: Message, bf16: bool, per_position: bool) -> Message:
+    """Undo `to_wire`: beliefs back to fp32, per position for a language model."""
+    if msg.p is None or msg.y is None or msg.h is None:
+        return msg
+    p, y = msg.p, msg.y
+    if bf16:
+        p = p.view(torch.bfloat16).float()
+    if per_position:
+        y = y.reshape(msg.h.shape[0], -1)
+        p = p.reshape(*y.shape, -1)
+    return Message(msg.kind, msg.step, msg.epoch, msg.h, p, y, msg.split)
 
 
 class SIDStageRunner(StageRunner):
@@ -65,7 +92,17 @@ class SIDStageRunner(StageRunner):
         self.busy_s = 0.0
         self.train_busy_s = 0.0  # forward + update of training messages (no send, no eval)
         self.losses = LossMeter(self.stage.n_modules, ctx.device)
+        self.lm = module.per_position  # a language model: beliefs per position, bits per byte
+        self.bf16_wire = cfg.pipeline.belief_dtype is Precision.bf16
+        if self.bf16_wire and self.data.num_classes % 2:
+            raise ConfigError(
+                f"pipeline.belief_dtype=bf16 needs an even number of classes (beliefs travel "
+                f"as pairs of bf16 in fp32 words); this data has {self.data.num_classes}"
+            )
         self.hits = {s: torch.zeros(self.stage.n_modules, dtype=torch.int64) for s in SPLITS}
+        # language models: per depth [hits, count, nll in nats], float64
+        self.scores = {s: torch.zeros(self.stage.n_modules, 3, dtype=torch.float64)
+                       for s in SPLITS}  # fmt: skip
         self.counts = dict.fromkeys(SPLITS, 0)
         self._eval_record: dict[str, Any] = {}
         self.expected_splits = [s for s in SPLITS if s == "test" or self.data.val is not None]
@@ -74,15 +111,14 @@ class SIDStageRunner(StageRunner):
 
     # ---- the source: stage 0 turns the cadence into messages --------------------------
     def source(self) -> Iterator[Message]:
-        k, dev = self.data.num_classes, self.ctx.device
+        dev, prior = self.ctx.device, self.stage.stage.prior
         events = cadence(self.cfg.train, self.cfg.checkpoint.every_n_steps, self.n_steps,
                          self.state.position, self.batches.epoch)  # fmt: skip
         for ev in events:
             if ev.kind is EventKind.TRAIN:
                 x, y = ev.x.to(dev), ev.y.to(dev)
-                prior = uniform_prior(x.shape[0], k, x.device)
                 # a TRAIN message's step is the batch's index (steps done before it)
-                yield Message(Kind.TRAIN, ev.step - 1, ev.epoch, x, prior, y)
+                yield Message(Kind.TRAIN, ev.step - 1, ev.epoch, x, prior(x).float(), y)
             elif ev.kind is EventKind.CHECKPOINT:
                 # split = the next batch's index in this epoch: where a resume starts
                 yield Message(Kind.CHECKPOINT, ev.step, ev.epoch, split=ev.batch)
@@ -91,9 +127,11 @@ class SIDStageRunner(StageRunner):
                     if name in self.splits:
                         for x, y in self.splits[name].epoch(0):
                             x, y = x.to(dev), y.to(dev)
-                            prior = uniform_prior(x.shape[0], k, x.device)
-                            yield Message(Kind.EVAL, ev.step, ev.epoch, x, prior, y, split=split_id)
-                        table = torch.zeros(0, 2, dtype=torch.int64)  # per-depth [hits, count]
+                            yield Message(Kind.EVAL, ev.step, ev.epoch, x, prior(x).float(), y,
+                                          split=split_id)  # fmt: skip
+                        # per-depth [hits, count] (language models: + nll, float64)
+                        table = (torch.zeros(0, 3, dtype=torch.float64) if self.lm
+                                 else torch.zeros(0, 2, dtype=torch.int64))  # fmt: skip
                         yield Message(Kind.EVAL_END, ev.step, ev.epoch, table, split=split_id)
             elif ev.kind is EventKind.EPOCH_END:
                 yield Message(Kind.EPOCH_END, ev.step, ev.epoch)
@@ -106,14 +144,14 @@ class SIDStageRunner(StageRunner):
         else:
             while True:
                 msg = self.transport.recv()  # traces "recv-wait" and "recv" itself
-                yield msg
+                yield from_wire(msg, self.bf16_wire, self.lm)
                 if msg.kind is Kind.STOP:
                     return
 
     def send(self, msg: Message) -> None:
         if not self.last:
             with self.tracer.span(Span.SEND):
-                self.transport.send(msg)
+                self.transport.send(to_wire(msg, self.bf16_wire))
 
     # ---- per message kind -------------------------------------------------------------
     def on_train(self, msg: Message) -> None:
@@ -146,8 +184,11 @@ class SIDStageRunner(StageRunner):
         with self.tracer.span(Span.EVAL):
             h_out, p_out, logits = self.stage.eval_forward(msg.h, msg.p)
         split = SPLITS[msg.split]
-        self.hits[split] += torch.stack([(z.argmax(-1) == msg.y).sum() for z in logits]).cpu()
-        self.counts[split] += msg.y.shape[0]
+        if self.lm:
+            self.scores[split] += depth_scores(logits, msg.y).cpu()
+        else:
+            self.hits[split] += torch.stack([(z.argmax(-1) == msg.y).sum() for z in logits]).cpu()
+            self.counts[split] += msg.y.shape[0]
         self.busy_s += time.perf_counter() - t0
         self.send(Message(Kind.EVAL, msg.step, msg.epoch, h_out, p_out, msg.y, split=msg.split))
 
@@ -155,9 +196,13 @@ class SIDStageRunner(StageRunner):
         """Append this stage's [hits, count] rows to the per-depth table travelling downstream."""
         split = SPLITS[msg.split]
         assert msg.h is not None
-        rows = torch.stack(
-            [self.hits[split], torch.full_like(self.hits[split], self.counts[split])], 1
-        )
+        if self.lm:
+            rows = self.scores[split].clone()
+            self.scores[split].zero_()
+        else:
+            rows = torch.stack(
+                [self.hits[split], torch.full_like(self.hits[split], self.counts[split])], 1
+            )
         table = torch.cat([msg.h.cpu(), rows])
         self.hits[split].zero_()
         self.counts[split] = 0
@@ -167,6 +212,8 @@ class SIDStageRunner(StageRunner):
             return
         assert table.shape[0] == self.n_depths, "per-depth table lost a stage"
         self._eval_record[f"{split}_per_depth"] = (table[:, 0].double() / table[:, 1]).tolist()
+        if self.lm:
+            self._eval_record[f"{split}_bpb_per_depth"] = (table[:, 2] / table[:, 1] / LN2).tolist()
         if all(f"{s}_per_depth" in self._eval_record for s in self.expected_splits):
             record = {"kind": "eval", "step": msg.step, "epoch": msg.epoch,
                       "train_s": self.state.train_s, **self._eval_record}  # fmt: skip

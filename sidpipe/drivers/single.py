@@ -21,7 +21,7 @@ from sidpipe.config import Config, Method, to_dict
 from sidpipe.data import eval_splits, load_data, train_batches
 from sidpipe.drivers.runner import LossMeter
 from sidpipe.drivers.summary import write_summary
-from sidpipe.method.step import BlockwiseSID, evaluate, make_method
+from sidpipe.method.step import BlockwiseSID, evaluate_split, make_method
 from sidpipe.models import BlockNet, build_net
 from sidpipe.runtime.cadence import EventKind, RunState, cadence, total_steps
 from sidpipe.runtime.checkpoint import CheckpointManager
@@ -79,6 +79,7 @@ def _train_single(cfg: Config, run_dir: Path) -> dict[str, Any]:
         bar = tqdm(total=n_steps, initial=state.step, desc=f"{cfg.method.value} train", unit="step")
     tracer = Tracer(0, enabled=cfg.pipeline.trace)
     losses = LossMeter(1 if cfg.method is Method.bp else n_parts, device)
+    lm = getattr(net, "per_position", False)  # a language model: bits per byte too
 
     def log_train(epoch: int) -> None:
         mean = losses.mean(f"step {state.step} (epoch {epoch})")
@@ -91,7 +92,10 @@ def _train_single(cfg: Config, run_dir: Path) -> dict[str, Any]:
         record: dict[str, Any] = {"kind": "eval", "step": step, "epoch": epoch,
                                   "train_s": state.train_s}  # fmt: skip
         for name, split in splits.items():
-            record[f"{name}_per_depth"] = evaluate(method, split, device)
+            scores = evaluate_split(method, split, device)
+            record[f"{name}_per_depth"] = scores["accuracy"]
+            if lm:
+                record[f"{name}_bpb_per_depth"] = scores["bits"]
         state.history.add(record)
         metrics.log(record)
         if bar is None:

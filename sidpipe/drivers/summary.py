@@ -11,7 +11,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from sidpipe.config import Config, Method, to_dict
+from sidpipe.config import TEXT_DATASETS, Config, Method, to_dict
 from sidpipe.runtime.cadence import History
 from sidpipe.runtime.dist import DistContext
 from sidpipe.runtime.io import atomic_write_json
@@ -63,9 +63,28 @@ def gather_and_write(
     return write_summary(run_dir, cfg, gathered[0]["_label_noise_rate"], summary)
 
 
+def language_numbers(cfg: Config, result: dict[str, Any]) -> dict[str, Any]:
+    """A language model's headline numbers: bits per byte of every depth on the test and
+    validation splits (last evaluation) and tokens/s (a sample is a window of data.context
+    tokens, each a prediction)."""
+    evals = result.get("evaluations") or []
+    final = evals[-1] if evals else {}
+    if cfg.data.name not in TEXT_DATASETS:
+        return {}
+    bpb = final.get("test_bpb_per_depth", [])
+    return {
+        "test_bpb": bpb[-1] if bpb else None,
+        "per_depth_bpb": bpb,
+        "val_bpb_per_depth": final.get("val_bpb_per_depth", []),
+        "tokens_per_s": result.get("samples_per_s", 0.0) * cfg.data.context,
+        "context": cfg.data.context,
+    }
+
+
 def write_summary(
     run_dir: Path, cfg: Config, noise_rate: float, result: dict[str, Any]
 ) -> dict[str, Any]:
+    result = {**result, **language_numbers(cfg, result)}
     summary = {
         "method": cfg.method.value,
         "variant": cfg.sid.variant.value if cfg.method is Method.sid else None,
@@ -99,6 +118,11 @@ def format_report(s: dict[str, Any]) -> str:
         "accuracy per depth: " + " ".join(f"{a:.3f}" for a in s["per_depth_accuracy"]),
         f"throughput: {s['samples_per_s']:.0f} samples/s   wall: {s['wall_s']:.1f} s",
     ]
+    if s.get("per_depth_bpb"):  # a language model
+        lines[1:2] = ["test bits/byte (last module): " + f"{s['test_bpb']:.4f}",
+                      "bits/byte per depth: " + " ".join(f"{b:.3f}" for b in s["per_depth_bpb"]),
+                      "next-byte " + lines[1]]  # fmt: skip
+        lines[-1] += f"   ({s['tokens_per_s']:.0f} tokens/s)"
     plan = s.get("partition_auto")
     if plan:
         lines.append(

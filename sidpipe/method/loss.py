@@ -38,7 +38,12 @@ def sid_loss(
     kl_direction: str = "forward",
     label_smoothing: float = 0.0,
 ) -> Tensor:
-    """Local SID loss of one module; `prev_belief` is detached here (stop-gradient)."""
+    """Local SID loss of one module; `prev_belief` is detached here (stop-gradient).
+
+    Logits of shape (B, T, V) (a language model: a belief per position) are scored as B*T
+    rows: the loss is the mean over every position."""
+    if logits.dim() > 2:
+        logits, y, prev_belief = logits.flatten(0, -2), y.flatten(), prev_belief.flatten(0, -2)
     # Beliefs and losses in fp32 at least, also under bf16 autocast (float64 stays float64).
     logits = at_least_fp32(logits)
     prev = at_least_fp32(prev_belief.detach())

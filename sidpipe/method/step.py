@@ -8,6 +8,7 @@ the module losses); `Backprop` is end-to-end cross-entropy with gradients accumu
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
@@ -15,7 +16,6 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from sidpipe.config import Config, Method, Variant
-from sidpipe.data import Batches
 from sidpipe.method.loss import at_least_fp32, sid_loss
 from sidpipe.method.stage import SIDStage, autocast, build_optimizer
 from sidpipe.models import BlockNet
@@ -41,14 +41,13 @@ class BlockwiseSID:
         self.stage.messages = n
 
     def step(self, x: Tensor, y: Tensor) -> list[Tensor]:
-        p0 = uniform_prior(x.shape[0], self.net.num_classes, x.device)
+        p0 = self.net.prior(x).float()
         _, _, losses, _ = self.stage.forward(x, p0, y)
         self.stage.update(losses)
         return [loss.detach() for loss in losses]
 
     def logits(self, x: Tensor) -> list[Tensor]:
-        p0 = uniform_prior(x.shape[0], self.net.num_classes, x.device)
-        return self.stage.eval_forward(x, p0)[2]
+        return self.stage.eval_forward(x, self.net.prior(x).float())[2]
 
 
 
@@ -126,7 +125,7 @@ class Backprop:
         total = torch.zeros((), device=x.device)
         for xm, ym in zip(x.tensor_split(m), y.tensor_split(m)):
             with autocast(self.device, self.cfg.precision):
-                loss = F.cross_entropy(self._fwd(xm).float(), ym)
+                loss = F.cross_entropy(self._fwd(xm).float().flatten(0, -2), ym.flatten())
             (loss / m).backward()
             total += loss.detach() / m
         self.opt.step()
@@ -152,15 +151,36 @@ def make_method(cfg: Config, net: nn.Module, total: int, device: torch.device):
 
 
 
-def evaluate(method: Any, batches: Batches, device: torch.device) -> list[float]:
-    """Accuracy of every depth's belief (the last entry is the network's prediction)."""
-    correct: Tensor | None = None
-    n = 0
+def depth_scores(logits: list[Tensor], y: Tensor) -> Tensor:
+    """Per depth [hits, count, summed negative log-likelihood in nats] (float64, one row per
+    logits tensor); a language model's positions each count as a prediction."""
+    rows = []
+    for z in logits:
+        z2, y2 = z.float().flatten(0, -2), y.flatten()
+        nll = F.cross_entropy(z2, y2, reduction="sum")
+        rows.append(torch.stack([(z2.argmax(-1) == y2).sum().double(),
+                                 torch.tensor(y2.numel(), dtype=torch.float64, device=y.device),
+                                 nll.double()]))  # fmt: skip
+    return torch.stack(rows)
+
+
+LN2 = math.log(2.0)
+
+
+def evaluate_split(method: Any, batches: Any, device: torch.device) -> dict[str, list[float]]:
+    """Every depth's accuracy and cross-entropy in bits per prediction (bits per byte for a
+    byte-level language model); the last entry is the network's prediction."""
+    total: Tensor | None = None
     for x, y in batches.epoch(0):
         x, y = x.to(device), y.to(device)
-        hits = torch.stack([(z.argmax(-1) == y).sum() for z in method.logits(x)])
-        correct = hits if correct is None else correct + hits
-        n += y.numel()
-    assert correct is not None, "empty evaluation split"
-    return (correct.double() / n).tolist()
+        scores = depth_scores(method.logits(x), y)
+        total = scores if total is None else total + scores
+    assert total is not None, "empty evaluation split"
+    return {"accuracy": (total[:, 0] / total[:, 1]).tolist(),
+            "bits": (total[:, 2] / total[:, 1] / LN2).tolist()}  # fmt: skip
+
+
+def evaluate(method: Any, batches: Any, device: torch.device) -> list[float]:
+    """Accuracy of every depth's belief (the last entry is the network's prediction)."""
+    return evaluate_split(method, batches, device)["accuracy"]
 

@@ -13,12 +13,13 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from sidpipe.config import MODEL_NAMES, Config, Variant
+from sidpipe.config import LANGUAGE_MODELS, MODEL_NAMES, Config, Variant
 from sidpipe.data import DataBundle
 from sidpipe.errors import ConfigError
 from sidpipe.models.cnn import simplecnn_layers, vgg11_layers
 from sidpipe.models.custom import custom_layers
-from sidpipe.models.heads import BeliefHead, belief_chain, uniform_prior
+from sidpipe.models.gpt import TokenBeliefHead, gpt_layers
+from sidpipe.models.heads import BeliefHead, belief_chain, belief_rows, uniform_prior
 from sidpipe.models.mlp import mlp_layers
 from sidpipe.models.partition import StageModule, even_sizes, partition_blocks, stage_modules
 from sidpipe.models.resnet import resnet18_layers
@@ -44,6 +45,8 @@ class BlockNet(nn.Module):
 
     `layers` (the model's natural layers) are grouped into `n_blocks` consecutive
     nn.Sequential blocks, as evenly as possible (earlier blocks take the extra layer).
+    per_position: a language model; inputs are token windows (B, T), features (B, T, d),
+    and every position has its own belief (TokenBeliefHead).
     """
 
     def __init__(
@@ -54,8 +57,10 @@ class BlockNet(nn.Module):
         n_blocks: int | None = None,
         head_hidden: int = 256,
         name: str = "model",
+        per_position: bool = False,
     ) -> None:
         super().__init__()
+        self.per_position = per_position
         natural = len(layers)
         n = natural if n_blocks is None else n_blocks
         if not 1 <= n <= natural:
@@ -74,7 +79,10 @@ class BlockNet(nn.Module):
             start += size
         self._block_shapes = self._probe_shapes()
         self.heads = nn.ModuleList(
-            BeliefHead(s, self.num_classes, head_hidden) for s in self._block_shapes
+            TokenBeliefHead(s[-1], self.num_classes)
+            if per_position
+            else BeliefHead(s, self.num_classes, head_hidden)
+            for s in self._block_shapes
         )
 
     @torch.no_grad()
@@ -83,7 +91,8 @@ class BlockNet(nn.Module):
         modes = [m.training for m in self.modules()]
         self.eval()
         try:
-            h = torch.zeros(2, *self.in_shape)
+            dtype = torch.long if self.per_position else torch.get_default_dtype()
+            h = torch.zeros(2, *self.in_shape, dtype=dtype)
             shapes = []
             for block in self.blocks:
                 h = block(h)
@@ -101,18 +110,21 @@ class BlockNet(nn.Module):
         """Output shape (without batch dim) of each block for self.in_shape."""
         return list(self._block_shapes)
 
+    def prior(self, x: Tensor) -> Tensor:
+        """The uniform belief p_0 for input x ((B, K), or (B, T, V) for a language model)."""
+        rows = belief_rows(x, self.per_position)
+        return uniform_prior(rows, self.num_classes, device=x.device, dtype=_float(x))
+
     def forward(self, x: Tensor) -> list[Tensor]:
         """SID inference: logits at every depth (the last one is the prediction)."""
-        p = uniform_prior(x.shape[0], self.num_classes, device=x.device, dtype=_float(x))
-        return belief_chain(self.blocks, self.heads, x, p)[2]
+        return belief_chain(self.blocks, self.heads, x, self.prior(x))[2]
 
     def bp_forward(self, x: Tensor) -> Tensor:
         """BP baseline: all blocks, then the final head fed the uniform prior."""
         h = x
         for block in self.blocks:
             h = block(h)
-        p = uniform_prior(x.shape[0], self.num_classes, device=x.device, dtype=_float(x))
-        return self.heads[-1](h, p)
+        return self.heads[-1](h, self.prior(x))
 
 
 def _float(x: Tensor) -> torch.dtype:
@@ -132,6 +144,9 @@ _BUILDERS: dict[str, Callable[[Any, tuple[int, ...], int], list[nn.Module]]] = {
     "resnet18": lambda cfg, s, k: resnet18_layers(s, width=_width(cfg, 64)),
     "vit_tiny": lambda cfg, s, k: vit_tiny_layers(s, dim=_width(cfg, 192)),
     "custom": lambda cfg, s, k: custom_layers(cfg.target, s, k, dict(cfg.kwargs or {})),
+    "gpt": lambda cfg, s, k: gpt_layers(
+        s, k, width=_width(cfg, 128), depth=int(cfg.depth), heads=int(getattr(cfg, "heads", 4))
+    ),
 }
 assert tuple(_BUILDERS) == MODEL_NAMES
 
@@ -163,6 +178,7 @@ def build_model(cfg: Any, in_shape: tuple[int, ...], num_classes: int) -> BlockN
         n_blocks=cfg.blocks,
         head_hidden=int(cfg.head_hidden),
         name=cfg.name,
+        per_position=cfg.name in LANGUAGE_MODELS,
     )
 
 

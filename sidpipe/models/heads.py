@@ -2,20 +2,28 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 
 import torch
 from torch import Tensor, nn
 
 
 def uniform_prior(
-    batch: int,
+    batch: int | Sequence[int],
     num_classes: int,
     device: torch.device | str | None = None,
     dtype: torch.dtype = torch.float32,
 ) -> Tensor:
-    """The SID starting belief p_0: every class equally likely, shape (batch, num_classes)."""
-    return torch.full((batch, num_classes), 1.0 / num_classes, device=device, dtype=dtype)
+    """The SID starting belief p_0: every class equally likely, shape (batch, num_classes);
+    batch may be several leading dims ((B, T) for a language model: one belief per position)."""
+    lead = (batch,) if isinstance(batch, int) else tuple(int(b) for b in batch)
+    return torch.full((*lead, num_classes), 1.0 / num_classes, device=device, dtype=dtype)
+
+
+def belief_rows(h: Tensor, per_position: bool) -> tuple[int, ...]:
+    """The leading dims of the beliefs that go with input or features h: (B,) for a
+    classifier, (B, T) for a language model (tokens (B, T) or features (B, T, d))."""
+    return tuple(h.shape[:2]) if per_position else (h.shape[0],)
 
 
 class _GlobalAvgPool(nn.Module):
@@ -94,6 +102,6 @@ def belief_chain(
     for block, head in zip(blocks, heads, strict=True):
         h = block(h)
         z = head(h, p)
-        p = torch.softmax(z, dim=1)
+        p = torch.softmax(z, dim=-1)
         logits.append(z)
     return h, p, logits

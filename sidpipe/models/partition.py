@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor, nn
 
-from sidpipe.models.heads import belief_chain, uniform_prior
+from sidpipe.models.heads import belief_chain, belief_rows, uniform_prior
 
 if TYPE_CHECKING:  # type only: keeps this module free of an import cycle with the package
     from sidpipe.models import BlockNet
@@ -81,6 +81,7 @@ class StageModule(nn.Module):
         self.stop = block_range.stop  # one past the global index of its last block
         self.n_total = net.n_blocks
         self.num_classes = net.num_classes
+        self.per_position = net.per_position  # a language model: a belief per position
         self.in_shape = net.block_shapes()[self.first - 1] if self.first else net.in_shape
 
     @property
@@ -102,7 +103,7 @@ class StageModule(nn.Module):
         apply their own stop-gradients.
         """
         if p is None:
-            p = uniform_prior(h.shape[0], self.num_classes, device=h.device, dtype=_float(h))
+            p = self.prior(h)
         return belief_chain(self.blocks, self.heads, h, p)
 
     def bp_forward(self, h: Tensor) -> Tensor:
@@ -111,9 +112,13 @@ class StageModule(nn.Module):
         for block in self.blocks:
             h = block(h)
         if self.is_last:
-            p = uniform_prior(h.shape[0], self.num_classes, device=h.device, dtype=_float(h))
-            return self.heads[-1](h, p)
+            return self.heads[-1](h, self.prior(h))
         return h
+
+    def prior(self, h: Tensor) -> Tensor:
+        """The uniform belief that goes with input or features h."""
+        rows = belief_rows(h, self.per_position)
+        return uniform_prior(rows, self.num_classes, device=h.device, dtype=_float(h))
 
 
 def _is_int(c: object) -> bool:

@@ -1,0 +1,230 @@
+"""Language models: byte-level text data, model=gpt, SID per position, its pipeline.
+
+The fast tier runs the pipeline in process (stages as threads over the loopback transport,
+as tests/drivers/test_sid_runner.py does for images); one multi-process test checks the BP
+pipeline on the same partition against single-process BP.
+"""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+
+from sidpipe.config import compose_config
+from sidpipe.data import TextBatches, load_data, train_batches
+from sidpipe.drivers.sid import SIDStageRunner, from_wire, to_wire
+from sidpipe.drivers.single import train_single
+from sidpipe.errors import ConfigError, DataError
+from sidpipe.method.loss import sid_loss
+from sidpipe.models import build_model
+from sidpipe.runtime.dist import DistContext
+from sidpipe.runtime.io import load_state
+from sidpipe.runtime.transport import Kind, LoopbackTransport, Message
+from tests.conftest import read_summary, run_cli
+
+WORDS = "to be or not that is the question whether tis nobler in mind suffer".split()
+
+
+@pytest.fixture(scope="module")
+def text_file(tmp_path_factory) -> Path:
+    """~12 KB of deterministic text: enough for every split, small enough to evaluate fast."""
+    g = torch.Generator().manual_seed(0)
+    idx = torch.randint(0, len(WORDS), (2400,), generator=g).tolist()
+    path = tmp_path_factory.mktemp("text") / "words.txt"
+    path.write_text(" ".join(WORDS[i] for i in idx))
+    return path
+
+
+def lm(text_file: Path, *more: str) -> list[str]:
+    return ["model=gpt", "data=text", f"data.path={text_file}", "data.context=16",
+            "model.width=32", "model.depth=4", "model.heads=2", "train.batch_size=8",
+            "train.eval_batch_size=64", "train.epochs=2", "train.max_steps=12",
+            "progress=false", *more]  # fmt: skip
+
+
+# ---------------------------------------------------------------------------- data
+
+
+def test_text_splits_are_contiguous_and_windows_shift_by_one(text_file):
+    cfg = compose_config(lm(text_file))
+    data = load_data(cfg.data, cfg.seed)
+    raw = torch.frombuffer(bytearray(text_file.read_bytes()), dtype=torch.uint8)
+    parts = [data.train.data, data.val.data, data.test.data]
+    assert torch.equal(torch.cat(parts), raw)  # in file order, nothing left out or repeated
+    assert data.test.data.numel() == round(0.05 * raw.numel())
+    x, y = next(train_batches(cfg, data).epoch(3))
+    assert x.shape == y.shape == (8, 16) and x.dtype == torch.int64
+    assert torch.equal(x[:, 1:], y[:, :-1])
+    again, other = next(train_batches(cfg, data).epoch(3)), next(train_batches(cfg, data).epoch(4))
+    assert torch.equal(again[0], x) and not torch.equal(other[0], x)
+    # evaluation: the disjoint windows in order, every byte of the split a target once
+    ev = TextBatches(data.test, 5, shuffle=False, seed=0)
+    ys = torch.cat([b[1].flatten() for b in ev.epoch(0)])
+    n = len(data.test) * 16
+    assert torch.equal(ys, data.test.data[1 : n + 1].long())
+
+
+@pytest.mark.parametrize(("content", "message"), [(None, "not found"), (b"", "is empty")])
+def test_missing_or_empty_text_is_one_line(tmp_path, content, message):
+    path = tmp_path / "t.txt"
+    if content is not None:
+        path.write_bytes(content)
+    cfg = compose_config(["model=gpt", "data=text", f"data.path={path}"])
+    with pytest.raises(DataError, match=message) as e:
+        load_data(cfg.data, 0)
+    assert "\n" not in str(e.value) and str(path) in str(e.value)
+
+
+def test_context_longer_than_a_split_is_refused(text_file):
+    cfg = compose_config(lm(text_file, "data.context=4096"))
+    with pytest.raises(DataError, match=r"data.context=4096 is longer than the \w+ split"):
+        load_data(cfg.data, 0)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["model=gpt"], "reads a text set"),
+        (["data=shakespeare"], "only a language model reads"),
+        (["model=gpt", "data=shakespeare", "model.width=30"], "multiple of model.heads"),
+        (["model=gpt", "data=text"], "data.path"),
+    ],
+)
+def test_config_errors(overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        compose_config(overrides)
+
+
+# ---------------------------------------------------------------------------- model, loss
+
+
+def test_gpt_is_causal_and_predicts_every_position(text_file):
+    cfg = compose_config(lm(text_file))
+    torch.manual_seed(0)
+    net = build_model(cfg.model, (16,), 256).eval()
+    assert net.n_blocks == 4 and net.per_position
+    x = torch.randint(0, 256, (2, 16))
+    logits = net(x)
+    assert [tuple(z.shape) for z in logits] == [(2, 16, 256)] * 4
+    x2 = x.clone()
+    x2[:, 10] = (x2[:, 10] + 1) % 256  # change one byte: no earlier position may notice
+    for z, z2 in zip(logits, net(x2)):
+        assert torch.equal(z[:, :10], z2[:, :10]) and not torch.equal(z[:, 10:], z2[:, 10:])
+    # shorter prefixes (generation) run through the same network
+    assert net(x[:, :5])[-1].shape == (2, 5, 256)
+
+
+def test_sid_loss_is_the_mean_over_positions():
+    g = torch.Generator().manual_seed(1)
+    z, prev = torch.randn(3, 7, 11, generator=g), torch.randn(3, 7, 11, generator=g).softmax(-1)
+    y = torch.randint(0, 11, (3, 7), generator=g)
+    per_row = torch.stack([sid_loss(z[:, t], y[:, t], prev[:, t]) for t in range(7)]).mean()
+    torch.testing.assert_close(sid_loss(z, y, prev), per_row)
+
+
+def test_wire_roundtrip_and_bf16_halves_belief_bytes():
+    h, y = torch.randn(2, 5, 8), torch.randint(0, 256, (2, 5))
+    p = torch.randn(2, 5, 256).softmax(-1)
+    msg = Message(Kind.TRAIN, 0, 0, h, p, y)
+    wire = to_wire(msg, bf16=False)
+    assert wire.p.shape == (2, 5 * 256) and wire.y.shape == (10,)
+    back = from_wire(wire, bf16=False, per_position=True)
+    assert torch.equal(back.p, p) and torch.equal(back.y, y)
+    half = to_wire(msg, bf16=True)
+    assert half.p.dtype == torch.float32 and half.p.numel() * 2 == p.numel()
+    back = from_wire(half, bf16=True, per_position=True)
+    assert torch.equal(back.p, p.to(torch.bfloat16).float())
+
+
+# ---------------------------------------------------------------------------- the pipeline
+
+
+def run_threads(cfg, run_dir: Path) -> list:
+    world = cfg.pipeline.stages
+    store, links = dist.HashStore(), LoopbackTransport.links(world)
+    results: list = [None] * world
+    building = threading.Lock()  # the seeded init uses torch's global RNG: one at a time
+
+    def stage(rank: int) -> None:
+        ctx = DistContext(rank, world, rank, torch.device("cpu"), "gloo", False, store)
+        try:
+            with building:
+                runner = SIDStageRunner(ctx, cfg, run_dir, LoopbackTransport(rank, links, 30.0))
+            results[rank] = runner.run()
+        except Exception as e:  # noqa: BLE001 - the test reads it
+            results[rank] = e
+
+    threads = [threading.Thread(target=stage, args=(r,)) for r in range(world)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    assert not any(t.is_alive() for t in threads), "a stage thread hung"
+    return results
+
+
+@pytest.fixture(scope="module")
+def sequential(text_file, tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("lm-seq")
+    summary = train_single(compose_config([*lm(text_file), "pipeline.stages=1"]), run_dir)
+    return run_dir, summary
+
+
+@pytest.mark.parametrize("layout", [["pipeline.stages=2"], ["pipeline.stages=3"]])
+def test_sid_pipeline_equals_sequential_on_gpt(text_file, sequential, tmp_path, layout):
+    seq_dir, seq = sequential
+    cfg = compose_config([*lm(text_file), *layout])
+    results = run_threads(cfg, tmp_path)
+    errors = [r for r in results if isinstance(r, Exception)]
+    assert not errors, errors
+    a, b = load_state(seq_dir), load_state(tmp_path)
+    assert a.keys() == b.keys()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    torch.manual_seed(cfg.seed)  # the runs' initial parameters: they moved, so this is no
+    initial = build_model(cfg.model, (16,), 256).state_dict()  # vacuous comparison
+    assert all(not torch.equal(initial[k], a[k]) for k in a if k.endswith("qkv.weight"))
+    history = results[-1]["_history"]
+    assert history == [{**r, "train_s": h["train_s"]} for r, h in zip(seq["evaluations"], history)]
+    last = history[-1]
+    assert len(last["test_bpb_per_depth"]) == 4 and len(last["val_bpb_per_depth"]) == 4
+    assert all(r["bytes_sent_backward"] == 0 for r in results)
+    assert seq["per_depth_bpb"] == last["test_bpb_per_depth"]
+    assert seq["tokens_per_s"] > 0 and seq["test_bpb"] == last["test_bpb_per_depth"][-1]
+
+
+def test_bf16_beliefs_cut_the_bytes_and_still_train(text_file, sequential, tmp_path):
+    _, seq = sequential
+    fp32 = run_threads(compose_config([*lm(text_file), "pipeline.stages=2"]), tmp_path / "a")
+    bf16 = run_threads(
+        compose_config([*lm(text_file), "pipeline.stages=2", "pipeline.belief_dtype=bf16"]),
+        tmp_path / "b",
+    )
+    assert not [r for r in fp32 + bf16 if isinstance(r, Exception)]
+    # per window: beliefs 16*256 floats, features 16*32 floats, targets 16 int64
+    belief_bytes = fp32[0]["bytes_sent_forward"] - bf16[0]["bytes_sent_forward"]
+    messages = fp32[0]["messages_sent"]
+    assert belief_bytes > 0 and messages == bf16[0]["messages_sent"]
+    bpb16 = bf16[-1]["_history"][-1]["test_bpb_per_depth"]
+    assert all(abs(u - v) < 0.05 for u, v in zip(bpb16, seq["per_depth_bpb"]))
+
+
+@pytest.mark.multiprocess
+def test_bp_pipeline_on_gpt_equals_single_process_bp(text_file, tmp_path):
+    """BP on the same partition (1F1B, 2 ranks) = single-process BP with the same microbatches."""
+    bp = [*lm(text_file), "method=bp", "pipeline.microbatches=2", "pipeline.threads=1",
+          "pipeline.timeout_s=60"]  # fmt: skip
+    s1 = train_single(compose_config([*bp, "pipeline.stages=1"]), tmp_path / "seq")
+    pipe = run_cli([*bp, "pipeline.stages=2", "pipeline.schedule=1f1b"], tmp_path / "pipe",
+                   timeout=120)  # fmt: skip
+    assert pipe.returncode == 0, pipe.stderr[-2000:]
+    a, b = load_state(tmp_path / "seq"), load_state(tmp_path / "pipe")
+    assert set(b) <= set(a)
+    for k in b:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6)
+    s2 = read_summary(tmp_path / "pipe")
+    assert s2["per_depth_bpb"] == pytest.approx(s1["per_depth_bpb"], rel=1e-4)
+    assert "bits/byte" in pipe.stdout + pipe.stderr

@@ -113,7 +113,7 @@ def _train_single(cfg: Config, run_dir: Path) -> dict[str, Any]:
             losses.add(method.step(x, y))
             memory.sample()
             state.advance(ev)
-            state.samples += y.numel()
+            state.samples += y.shape[0]  # samples: images, or windows of a text
             if state.step % cfg.train.log_every == 0:
                 log_train(ev.epoch)
             tracer.add(Span.TRAIN, t0, time.perf_counter(), n=int(y.numel()))

@@ -1,4 +1,4 @@
-"""`sidpipe <command> [hydra overrides]`: train, bench, accuracy, export, eval.
+"""`sidpipe <command> [hydra overrides]`: train, bench, accuracy, export, eval, generate.
 
 The commands are imported lazily, one per call: `sidpipe export` need not pay for hydra,
 matplotlib or the pipeline drivers.
@@ -15,11 +15,13 @@ commands:
   bench     SID vs the BP pipeline schedules: throughput / time to accuracy / simulate
   accuracy  the accuracy studies (study.name=reference|blockwise|noise|alpha|depth|all)
   export    RUN_DIR|CHECKPOINT_DIR OUT.pt: one state_dict of the whole network
-  eval      MODEL.pt [key=value ...]: test accuracy of an exported model, per depth
+  eval      MODEL.pt [key=value ...]: test accuracy (bits/byte) of an exported model, per
+            depth and with early exit
+  generate  MODEL.pt [--prompt TEXT] [--depth D | --threshold P]: sample from a language model
 
 `sidpipe <command> --help` shows the command's own help."""
 
-COMMANDS = ("train", "bench", "accuracy", "export", "eval")
+COMMANDS = ("train", "bench", "accuracy", "export", "eval", "generate")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -38,7 +40,7 @@ def main(argv: list[str] | None = None) -> None:
         from sidpipe.train import main as train_main
 
         train_main()
-    elif command in ("export", "eval"):
+    elif command in ("export", "eval", "generate"):
         from sidpipe.export import main as export_main
 
         export_main(command, argv)

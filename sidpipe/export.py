@@ -1,4 +1,4 @@
-"""`sidpipe export SOURCE OUT.pt` and `sidpipe eval OUT.pt [overrides]`.
+"""`sidpipe export SOURCE OUT.pt`, `sidpipe eval OUT.pt [overrides]`, `sidpipe generate OUT.pt`.
 
 Export merges every stage's parameters into one ordinary state_dict of the whole network
 (blocks + heads), loadable into the single-process model for plain feed-forward inference.
@@ -10,7 +10,9 @@ Eval composes its overrides exactly as `sidpipe train` does (hydra: group choice
 conf/config.yaml. Before any weight is loaded it checks that the file is a plain state_dict
 (read weights-only: no file runs code), that the data has the input shape and classes the
 model was exported for, and that the rebuilt network has exactly the file's parameter names
-and shapes; each failure is one line naming the file and both sides.
+and shapes; each failure is one line naming the file and both sides. Eval also measures
+early exit (method/anytime.py): quality against the mean number of modules used, over exit
+thresholds, with a plot. Generate samples text from an exported language model.
 """
 
 from __future__ import annotations
@@ -29,14 +31,17 @@ from omegaconf import OmegaConf
 
 from sidpipe.config import (
     CONF_DIR,
+    LANGUAGE_MODELS,
+    TEXT_DATASETS,
     Config,
     Method,
     Variant,
     compose_config,
 )
-from sidpipe.data import DATASET_SHAPES, DataBundle, eval_splits, load_data
+from sidpipe.data import DATASET_SHAPES, VOCAB, DataBundle, eval_splits, load_data
 from sidpipe.errors import CheckpointError, ConfigError, SidpipeError, fail
-from sidpipe.method.step import evaluate, make_method
+from sidpipe.method.anytime import check_threshold, exit_curve, generate
+from sidpipe.method.step import evaluate_split, make_method
 from sidpipe.models import BlockNet, build_net
 from sidpipe.models.partition import StageModule
 from sidpipe.runtime import checkpoint
@@ -236,17 +241,20 @@ def check_state_fits(
 
 
 class _Shapes:
-    """What build_net reads from a DataBundle, from the dataset's name: building a network
-    for export needs no data files."""
+    """What build_net reads from a DataBundle, from the data config alone: building a
+    network for export needs no data files (text: windows of data.context bytes)."""
 
-    def __init__(self, name: str):
-        self.in_shape, self.num_classes = DATASET_SHAPES[name]
+    def __init__(self, cfg: Config):
+        if cfg.data.name in TEXT_DATASETS:
+            self.in_shape, self.num_classes = (cfg.data.context,), VOCAB
+        else:
+            self.in_shape, self.num_classes = DATASET_SHAPES[cfg.data.name]
 
 
 def _from_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     meta = checkpoint.verify(path)
     cfg = compose_for_eval(meta["config"], [], path / "meta.json")
-    net = build_net(cfg, _Shapes(cfg.data.name))  # type: ignore[arg-type]
+    net = build_net(cfg, _Shapes(cfg))  # type: ignore[arg-type]
     for r, (a, b) in enumerate(meta["partition"]):
         # each stage saved the module it trained: a slice of blocks (SID) or the whole net
         whole = meta["stages"] == 1 and (cfg.method is Method.bp or not isinstance(net, BlockNet))
@@ -290,25 +298,126 @@ def export_model(source: str | Path, out: str | Path) -> Path:
     return out
 
 
-def evaluate_model(model_path: str | Path, overrides: list[str]) -> dict[str, Any]:
-    """Plain single-process inference of an exported model on the test split."""
-    model_path = Path(model_path)
+def load_exported(
+    model_path: Path, overrides: list[str], data: bool = True
+) -> tuple[Config, torch.nn.Module, DataBundle | None]:
+    """The exported network, checked against its config (and the data, when loaded)."""
     state = read_state(model_path)
     saved = read_sidecar(model_path)
     cfg = compose_for_eval(saved, overrides, model_path.with_name(model_path.name + ".json"))
     check_data_fits(saved, cfg, model_path)
-    data: DataBundle = load_data(cfg.data, cfg.seed)
-    net = build_net(cfg, data)
+    bundle = load_data(cfg.data, cfg.seed) if data else None
+    net = build_net(cfg, bundle or _Shapes(cfg))  # type: ignore[arg-type]
     check_state_fits(net, state, model_path, cfg)
     net.load_state_dict(state)
+    return cfg, net, bundle
+
+
+THRESHOLDS = (0.3, 0.5, 0.7, 0.8, 0.9, 0.95, 0.99)  # eval's default exit thresholds
+
+
+def evaluate_model(
+    model_path: str | Path,
+    overrides: list[str],
+    thresholds: tuple[float, ...] = THRESHOLDS,
+    plot: Path | None = None,
+) -> dict[str, Any]:
+    """Plain single-process inference of an exported model on the test split: every depth,
+    and (SID models) early exit at each threshold; `plot` draws that curve."""
+    model_path = Path(model_path)
+    cfg, net, data = load_exported(model_path, overrides)
+    assert data is not None
     device = select_device(cfg)
     method = make_method(cfg, net, 1, device)
-    per_depth = evaluate(method, eval_splits(cfg, data)["test"], device)
-    return {"model": str(model_path), "data": cfg.data.name, "test_accuracy": per_depth[-1],
-            "per_depth_accuracy": per_depth}  # fmt: skip
+    test = eval_splits(cfg, data)["test"]
+    scores = evaluate_split(method, test, device)
+    per_depth = scores["accuracy"]
+    out: dict[str, Any] = {
+        "model": str(model_path),
+        "data": cfg.data.name,
+        "test_accuracy": per_depth[-1],
+        "per_depth_accuracy": per_depth,
+    }
+    lm = cfg.model.name in LANGUAGE_MODELS
+    if lm:
+        out |= {"test_bpb": scores["bits"][-1], "per_depth_bpb": scores["bits"]}
+    if cfg.method is Method.sid and len(per_depth) > 1:  # BP trains one exit: no curve
+        out["early_exit"] = exit_curve(method, test, device, thresholds)
+        if plot is not None:
+            out["plot"] = str(plot_exit_curve(out, lm, plot))
+    return out
+
+
+def plot_exit_curve(result: dict[str, Any], lm: bool, path: Path) -> Path:
+    """Quality against mean modules used: early exit per threshold, and every fixed depth."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    key, label = ("bits", "test bits/byte") if lm else ("accuracy", "test accuracy")
+    fixed = result["per_depth_bpb"] if lm else result["per_depth_accuracy"]
+    curve = result["early_exit"]
+    fig, ax = plt.subplots(figsize=(5, 3.6))
+    ax.plot(range(1, len(fixed) + 1), fixed, "s--", color="gray", label="fixed depth")
+    ax.plot([c["mean_depth"] for c in curve], [c[key] for c in curve], "o-",
+            label="early exit (threshold)")  # fmt: skip
+    for c in curve:
+        ax.annotate(f"{c['threshold']:g}", (c["mean_depth"], c[key]), fontsize=7,
+                    textcoords="offset points", xytext=(3, 3))  # fmt: skip
+    ax.set_xlabel("mean modules used")
+    ax.set_ylabel(label)
+    ax.set_title(Path(result["model"]).name, fontsize=9)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    try:
+        fig.savefig(path, dpi=120)
+    except OSError as e:
+        raise ConfigError(f"cannot write the plot {path}: {e.strerror or _first_line(e)}") from None
+    finally:
+        plt.close(fig)
+    return path
+
+
+def generate_text(
+    model_path: str | Path,
+    prompt: str,
+    n_tokens: int,
+    depth: int | None,
+    threshold: float | None,
+    temperature: float,
+    seed: int,
+) -> tuple[str, list[int]]:
+    """Sample from an exported language model (bytes decoded as UTF-8, bad bytes replaced)."""
+    model_path = Path(model_path)
+    cfg, net, _ = load_exported(model_path, [], data=False)
+    if cfg.model.name not in LANGUAGE_MODELS:
+        raise ConfigError(
+            f"{model_path} is a model={cfg.model.name} classifier; generate samples from "
+            "language models (model=gpt)"
+        )
+    n_mod = len(net.blocks)  # type: ignore[arg-type]
+    if depth is not None and not 1 <= depth <= n_mod:
+        raise ConfigError(f"--depth={depth} must be in 1..{n_mod} (the model's modules)")
+    if cfg.method is Method.bp and (depth not in (None, n_mod) or threshold is not None):
+        raise ConfigError(f"{model_path} was trained with method=bp: only its last module has "
+                          "a trained head, so --depth and --threshold do not apply")  # fmt: skip
+    if not 0 <= temperature < float("inf"):
+        raise ConfigError(f"--temperature={temperature} must be a finite number >= 0")
+    tokens = torch.tensor(list(prompt.encode("utf-8")) or [ord("\n")], dtype=torch.long)
+    g = torch.Generator().manual_seed(seed)
+    seq, used = generate(net, tokens, n_tokens, depth, threshold, temperature, g)
+    text = bytes(seq.tolist()).decode("utf-8", errors="replace")
+    return text, used
 
 
 USAGE = {
+    "generate": "usage: sidpipe generate MODEL.pt [--prompt TEXT] [--tokens N] [--depth D | "
+    "--threshold P]\n                        [--temperature T] [--seed S]\n\n"
+    "Sample N bytes (default 200) after TEXT from an exported language model: from module D,\n"
+    "or per token from the first module whose belief's top probability reaches P (early exit),\n"
+    "else the last module. --temperature 0 takes the most likely byte. The text goes to\n"
+    "stdout, the modules used (mean per token) to stderr.",
     "export": "usage: sidpipe export RUN_DIR|CHECKPOINT_DIR OUT.pt\n\n"
     "Merge a run's (or a checkpoint's) stage parameters into one state_dict OUT.pt, with the\n"
     "run's config beside it in OUT.pt.json.",
@@ -316,8 +425,55 @@ USAGE = {
     "Test accuracy of an exported model at every depth, single process. The overrides are\n"
     "train's, applied to the run config saved in MODEL.pt.json as train applies them to\n"
     "conf/config.yaml (e.g. data=fashion_mnist data.root=DIR). The data must have the input\n"
-    "shape and classes, and the model settings the parameters, the model was exported with.",
+    "shape and classes, and the model settings the parameters, the model was exported with.\n"
+    "Language models also report bits per byte. SID models also report early exit: quality\n"
+    "against the mean number of modules used, per threshold (--thresholds=0.5,0.9,...; the\n"
+    "default 0.3..0.99), plotted to --plot=PATH (default MODEL.pt.exit.png).",
 }
+
+
+def _options(argv: list[str], names: tuple[str, ...]) -> tuple[dict[str, str], list[str]]:
+    """Split `--name=value` / `--name value` options (of `names`) from the rest."""
+    opts: dict[str, str] = {}
+    rest: list[str] = []
+    i = 0
+    while i < len(argv):
+        a = argv[i]
+        name = a[2:].split("=", 1)[0] if a.startswith("--") else None
+        if name is None:
+            rest.append(a)
+        elif name not in names:
+            raise ConfigError(f"unknown option {a.split('=', 1)[0]} (options: "
+                              f"{', '.join('--' + n for n in names)})")  # fmt: skip
+        elif "=" in a:
+            opts[name] = a.split("=", 1)[1]
+        elif i + 1 < len(argv):
+            opts[name] = argv[i + 1]
+            i += 1
+        else:
+            raise ConfigError(f"option {a} needs a value")
+        i += 1
+    return opts, rest
+
+
+_KINDS = {int: "an integer", float: "a number"}
+
+
+def _number(opts: dict[str, str], name: str, kind: type, default: Any) -> Any:
+    if name not in opts:
+        return default
+    try:
+        return kind(opts[name])
+    except ValueError:
+        raise ConfigError(f"--{name}={opts[name]!r} is not {_KINDS[kind]}") from None
+
+
+def _thresholds(text: str) -> tuple[float, ...]:
+    try:
+        return tuple(check_threshold(float(t)) for t in text.split(","))
+    except ValueError as e:
+        raise ConfigError(f"--thresholds={text!r}: {e}" if "threshold" in str(e) else
+                          f"--thresholds={text!r} must be numbers separated by commas") from None
 
 
 def main(command: str, argv: list[str]) -> None:
@@ -329,10 +485,36 @@ def main(command: str, argv: list[str]) -> None:
             if len(argv) != 2:
                 fail(USAGE["export"].splitlines()[0], 2)
             print(f"exported {export_model(argv[0], argv[1])}")
+        elif command == "generate":
+            names = ("prompt", "tokens", "depth", "threshold", "temperature", "seed")
+            opts, rest = _options(argv, names)
+            if len(rest) != 1:
+                fail(USAGE["generate"].splitlines()[0], 2)
+            threshold = _number(opts, "threshold", float, None)
+            if threshold is not None:
+                try:
+                    check_threshold(threshold)
+                except ValueError as e:
+                    raise ConfigError(f"--threshold: {e}") from None
+            if threshold is not None and "depth" in opts:
+                raise ConfigError("give --depth or --threshold, not both")
+            n = _number(opts, "tokens", int, 200)
+            if n < 1:
+                raise ConfigError(f"--tokens={n} must be >= 1")
+            text, used = generate_text(
+                rest[0], opts.get("prompt", ""), n, _number(opts, "depth", int, None), threshold,
+                _number(opts, "temperature", float, 1.0), _number(opts, "seed", int, 0),
+            )  # fmt: skip
+            print(text)
+            print(f"sidpipe: {len(used)} bytes, mean modules used {sum(used) / len(used):.2f}",
+                  file=sys.stderr)  # fmt: skip
         else:
-            if not argv:
+            opts, rest = _options(argv, ("thresholds", "plot"))
+            if not rest:
                 fail(USAGE["eval"].splitlines()[0], 2)
-            print(json.dumps(evaluate_model(argv[0], argv[1:]), indent=2))
+            thresholds = _thresholds(opts["thresholds"]) if "thresholds" in opts else THRESHOLDS
+            plot = Path(opts.get("plot", rest[0] + ".exit.png"))
+            print(json.dumps(evaluate_model(rest[0], rest[1:], thresholds, plot), indent=2))
     except SidpipeError as e:
         fail(str(e).splitlines()[0], getattr(e, "exit_code", 1))
     sys.stdout.flush()

@@ -19,6 +19,9 @@ from sidpipe.data import TextBatches, load_data, train_batches
 from sidpipe.drivers.sid import SIDStageRunner, from_wire, to_wire
 from sidpipe.drivers.single import train_single
 from sidpipe.errors import ConfigError, DataError
+from sidpipe.export import evaluate_model, export_model, generate_text, load_exported
+from sidpipe.export import main as export_main
+from sidpipe.method.anytime import exit_depths, generate
 from sidpipe.method.loss import sid_loss
 from sidpipe.models import build_model
 from sidpipe.runtime.dist import DistContext
@@ -228,3 +231,63 @@ def test_bp_pipeline_on_gpt_equals_single_process_bp(text_file, tmp_path):
     s2 = read_summary(tmp_path / "pipe")
     assert s2["per_depth_bpb"] == pytest.approx(s1["per_depth_bpb"], rel=1e-4)
     assert "bits/byte" in pipe.stdout + pipe.stderr
+
+
+# ---------------------------------------------------------------------------- anytime inference
+
+
+@pytest.fixture(scope="module")
+def exported(sequential, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("lm-export") / "lm.pt"
+    export_model(sequential[0], out)
+    return out
+
+
+def test_eval_reports_bpb_and_the_early_exit_curve(exported, sequential, tmp_path):
+    plot = tmp_path / "curve.png"
+    r = evaluate_model(exported, [], thresholds=(0.05, 0.3, 1.0), plot=plot)
+    assert r["per_depth_bpb"] == pytest.approx(sequential[1]["per_depth_bpb"])
+    low, mid, high = r["early_exit"]
+    assert low["mean_depth"] < high["mean_depth"]  # a lower bar stops earlier
+    assert 1.0 <= low["mean_depth"] <= mid["mean_depth"] <= high["mean_depth"] <= 4.0
+    if high["mean_depth"] == 4.0:  # nothing reached probability 1: the last module answers
+        assert high["bits"] == pytest.approx(r["per_depth_bpb"][-1])
+    assert plot.stat().st_size > 0
+
+
+def test_generation_exits_where_the_teacher_forced_curve_does(exported):
+    """A token sampled with early exit used exactly the depth that exit_depths picks for
+    that position when the finished text is fed back whole: the curve `sidpipe eval` draws
+    is the cost and quality generation gets."""
+    cfg, net, _ = load_exported(exported, [], data=False)
+    prompt = torch.tensor(list(b"to be"))
+    g = torch.Generator().manual_seed(3)
+    seq, used = generate(net, prompt, 10, threshold=0.3, generator=g)  # 15 <= context 16
+    assert len(used) == 10 and len(set(used)) >= 1
+    with torch.no_grad():
+        depths = exit_depths(net(seq[None, :-1]), 0.3)[0]
+    assert depths[len(prompt) - 1 :].tolist() == used
+    again, _ = generate(net, prompt, 10, threshold=0.3, generator=torch.Generator().manual_seed(3))
+    assert torch.equal(seq, again)
+    shallow, used1 = generate(net, prompt, 5, depth=1, temperature=0)
+    assert used1 == [1] * 5 and shallow[:5].tolist() == prompt.tolist()
+
+
+def test_generate_errors_are_one_line(exported, tmp_path, capsys):
+    for args, message in [
+        ([str(exported), "--depth=9"], "--depth=9 must be in 1..4"),
+        ([str(exported), "--threshold=0"], "must be a probability in (0, 1]"),
+        ([str(exported), "--tokens=x"], "is not an integer"),
+        ([str(exported), "--depth=1", "--threshold=0.5"], "not both"),
+    ]:
+        with pytest.raises(SystemExit):
+            export_main("generate", args)
+        err = capsys.readouterr().err
+        assert message in err and err.count("\n") == 1, err
+    digits_run = tmp_path / "digits"
+    tiny = ["data=digits", "model=mlp", "model.width=16", "progress=false", "train.max_steps=2",
+            "pipeline.stages=1"]  # fmt: skip
+    train_single(compose_config(tiny), digits_run)
+    export_model(digits_run, tmp_path / "mlp.pt")
+    with pytest.raises(ConfigError, match="classifier; generate samples from language models"):
+        generate_text(tmp_path / "mlp.pt", "", 5, None, None, 1.0, 0)

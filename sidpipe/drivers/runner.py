@@ -152,8 +152,10 @@ class StageRunner:
             raise PeerFailure(f"stopping: {peer}")
 
     def print_eval(self, record: dict[str, Any]) -> None:
+        bpb = record.get("test_bpb_per_depth")  # a language model
+        more = f"; test bits/byte {bpb[-1]:.4f}" if bpb else ""
         print(f"{self.ctx.tag} epoch {record['epoch']} step {record['step']}: test accuracy "
-              f"{record['test_per_depth'][-1]:.4f}", flush=True)  # fmt: skip
+              f"{record['test_per_depth'][-1]:.4f}{more}", flush=True)  # fmt: skip
 
     def result(self, wall: float, busy_s: float, **numbers: Any) -> dict[str, Any]:
         """This stage's public numbers, plus the '_' fields rank 0 reads (summary.py)."""

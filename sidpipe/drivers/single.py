@@ -100,6 +100,8 @@ def _train_single(cfg: Config, run_dir: Path) -> dict[str, Any]:
         metrics.log(record)
         if bar is None:
             val = f" val {record['val_per_depth'][-1]:.4f}" if "val_per_depth" in record else ""
+            if lm:
+                val += f"; test bits/byte {record['test_bpb_per_depth'][-1]:.4f}"
             log.info("epoch %d step %d: test accuracy %.4f%s",
                      epoch, step, record["test_per_depth"][-1], val)  # fmt: skip
 

@@ -705,6 +705,13 @@ class TextBatches:
             yield w[:, :-1], w[:, 1:]
 
 
+def shuffled_batches(data: DataBundle, batch_size: int, seed: int) -> Batches | TextBatches:
+    """Seeded training batches (images, or windows of a text) on the host: for profiling."""
+    if isinstance(data.train, TextSplit):
+        return TextBatches(data.train, batch_size, True, seed)
+    return Batches(data.train, data, batch_size, True, seed)
+
+
 def train_batches(
     cfg: Config, data: DataBundle, device: torch.device | None = None, drop_last: bool = False
 ) -> Batches | TextBatches:

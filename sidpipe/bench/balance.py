@@ -19,11 +19,10 @@ from typing import Any
 import torch
 
 from sidpipe.config import Config
-from sidpipe.data import Batches, DataBundle, load_data
+from sidpipe.data import DataBundle, load_data, shuffled_batches
 from sidpipe.drivers.summary import AUTO_PLAN_FILE
 from sidpipe.method.stage import SIDStage
 from sidpipe.models import BlockNet, build_net
-from sidpipe.models.heads import uniform_prior
 from sidpipe.models.partition import StageModule
 from sidpipe.runtime.device import select_device
 from sidpipe.runtime.io import atomic_write_json, timed_call
@@ -40,9 +39,9 @@ class BlockCost:
 def profile_blocks(
     cfg: Config, data: DataBundle, net: BlockNet, device: torch.device, iters: int = 6
 ) -> list[BlockCost]:
-    x, y = next(iter(Batches(data.train, data, cfg.train.batch_size, True, cfg.seed).epoch(0)))
+    x, y = next(iter(shuffled_batches(data, cfg.train.batch_size, cfg.seed).epoch(0)))
     h, y = x.to(device), y.to(device)
-    p = uniform_prior(h.shape[0], data.num_classes, device)
+    p = net.prior(h).float()  # uniform: (B, K), or (B, T, V) for a language model
     costs = []
     for i in range(net.n_blocks):
         stage = SIDStage(StageModule(net, range(i, i + 1)), cfg, total_updates=1000, device=device)

@@ -45,12 +45,11 @@ from torch.testing._internal.distributed.fake_pg import FakeStore
 
 from sidpipe.bench.balance import best_cuts, profile_blocks
 from sidpipe.config import Config, Method, Schedule
-from sidpipe.data import Batches, DataBundle, load_data
+from sidpipe.data import DataBundle, load_data, shuffled_batches
 from sidpipe.drivers.bp import SCHEDULES, BPStageModule, stage_ids
 from sidpipe.errors import ConfigError
 from sidpipe.method.stage import SIDStage, build_optimizer
 from sidpipe.models import BlockNet, build_net
-from sidpipe.models.heads import uniform_prior
 from sidpipe.models.partition import StageModule, partition_blocks
 from sidpipe.runtime.device import select_device, set_threads
 from sidpipe.runtime.io import timed_call
@@ -132,7 +131,11 @@ def _time_bp(module: BPStageModule, cfg: Config, h, y, **timing) -> tuple[float,
     def fwd() -> None:
         inp.grad = None  # a received activation is a fresh tensor each microbatch
         o = module(inp)  # torch keeps a last stage's loss bare, other outputs in a tuple
-        state["out"] = F.cross_entropy(o, y) / cfg.pipeline.microbatches if last else (o,)
+        if last:  # (B, T, V) logits of a language model: every position is a prediction
+            loss = F.cross_entropy(o.flatten(0, -2), y.flatten())
+            state["out"] = loss / cfg.pipeline.microbatches
+        else:
+            state["out"] = (o,)
 
     def full() -> None:
         stage_backward(state["out"], grads, [inp])
@@ -171,10 +174,10 @@ def measure_stage_times(
     into `n_stages` stages (default cfg.stage_count) at cfg.pipeline.partition (cut points
     or None); each stage's input is the previous stage's output. `parts`: which of the SID
     and the BP costs to measure (the others stay 0)."""
-    x, y = next(iter(Batches(data.train, data, microbatch, True, cfg.seed).epoch(0)))
+    x, y = next(iter(shuffled_batches(data, microbatch, cfg.seed).epoch(0)))
     h_sid = h_bp = x.to(device)
     y = y.to(device)
-    p = uniform_prior(h_sid.shape[0], data.num_classes, device)
+    p = net.prior(h_sid).float()  # uniform: (B, K), or (B, T, V) for a language model
     timing = dict(device=device, iters=iters, budget_s=3.0)
     out = []
     for r in partition_blocks(net.n_blocks, n_stages or cfg.stage_count, cfg.pipeline.partition):

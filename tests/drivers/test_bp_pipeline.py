@@ -12,7 +12,6 @@ import torch
 from sidpipe.runtime.io import load_state
 from tests.conftest import (
     TINY,
-    assert_run_stopped,
     read_summary,
     refusal,
     run_clean,
@@ -224,32 +223,6 @@ def test_torchrun_launch_and_partial_batches(tmp_path):
     assert "the last 29 of 1437 training samples are left out" in r.stdout
     assert r.stdout.count("== sidpipe:") == 1  # only rank 0 reports
     assert sorted(p.name for p in (tmp_path / "model").glob("*.pt")) == ["stage0.pt", "stage1.pt"]
-
-
-@pytest.mark.multiprocess
-@pytest.mark.parametrize(
-    "kind,reason",
-    [
-        ("raise", "[stage 1] step 5: RuntimeError: injected fault"),
-        ("nan", "non-finite loss nan"),
-        ("kill", "stage 1 was killed by signal SIGKILL"),
-    ],
-)
-def test_faults_stop_every_process(kind, reason, tmp_path):
-    r = run_cli(
-        [
-            *TINY,
-            "method=bp",
-            "pipeline.stages=2",
-            "pipeline.schedule=1f1b",
-            "train.epochs=3",
-            "train.log_every=1",
-        ],
-        tmp_path,
-        timeout=90,
-        env={"SIDPIPE_FAULT": f"stage=1,step=5,kind={kind}"},
-    )
-    assert_run_stopped(r, reason, tmp_path)
 
 
 @pytest.mark.parametrize(

@@ -424,6 +424,9 @@ class BenchConfig:
         )
 
 
+STUDY_METHODS = ("sid", "greedy")  # study.methods: the local methods of the blockwise study
+
+
 @dataclass
 class StudyConfig:
     """`sidpipe accuracy`: SID vs BP accuracy studies (sidpipe/bench/accuracy/). Every run of a
@@ -437,6 +440,10 @@ class StudyConfig:
     datasets: list[str] | None = None  # None: blockwise [mnist, fashion_mnist], others [mnist]
     models: list[str] = field(default_factory=lambda: ["mlp", "simplecnn", "vgg11", "resnet18"])
     blocks: list[int] = field(default_factory=lambda: [2, 4, 8])
+    # blockwise: the local methods trained against BP on the same blocks. sid = SID (sid.alpha
+    # as configured, 0.5 by default); greedy = greedy local learning, SID with sid.alpha=1 (the
+    # label term only: each module trained alone, its head still reads the previous belief)
+    methods: list[str] = field(default_factory=lambda: ["sid"])
     subset: int | None = None  # data.subset of every run: the first N training samples
     val_fraction: float = 0.1
     noise: list[float] = field(default_factory=lambda: [0.0, 0.2, 0.4])
@@ -482,6 +489,11 @@ class StudyConfig:
         _check(not bad, f"study.models has unknown {bad}; choose from {', '.join(models)}")
         _check(
             all(b >= 1 for b in self.blocks), f"study.blocks must be >= 1 (got {list(self.blocks)})"
+        )
+        bad = [m for m in self.methods if m not in STUDY_METHODS]
+        _check(
+            bool(self.methods) and not bad,
+            f"study.methods={list(self.methods)} must list some of {', '.join(STUDY_METHODS)}",
         )
         _check(
             all(0.0 <= r < 1.0 for r in self.noise),

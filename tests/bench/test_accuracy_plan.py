@@ -63,6 +63,25 @@ def test_run_names_match_earlier_result_folders() -> None:
     ]
 
 
+def test_greedy_runs_beside_sid_on_every_block_count() -> None:
+    """study.methods=[sid,greedy]: greedy is SID with alpha=1 on the same blocks, named and
+    labelled apart; then a user's sid.alpha would relabel it, so it is refused."""
+    s = StudyConfig(name="blockwise", seeds=[0], models=["resnet18"], datasets=["cifar10"],
+                    blocks=[2, 4], methods=["sid", "greedy"])  # fmt: skip
+    runs = plan(s, ["model.width=8"])["blockwise"]
+    assert [r.labels["method"] for r in runs] == ["bp", "sid", "greedy", "sid", "greedy"]
+    greedy = runs[2]
+    assert {"method=sid", "sid.alpha=1.0", "model.blocks=2"} <= set(greedy.overrides)
+    assert "-b2-greedy-" in greedy.name and greedy.group != runs[1].group
+    assert not any(o.startswith("sid.alpha") for o in runs[1].overrides)
+    assert compose_config(greedy.overrides).sid.alpha == 1.0
+    assert compose_config(greedy.overrides).model.width == 8
+    with pytest.raises(ConfigError, match=r"sid.alpha is set by the study .*study.methods"):
+        plan(s, ["sid.alpha=0.3"])
+    with pytest.raises(ConfigError, match=r"study.methods=\['dgl'\] must list some of sid, greedy"):
+        compose_config(["study.methods=[dgl]"])
+
+
 def test_arch_settings_of_noise_and_alpha() -> None:
     s = StudyConfig(name="alpha", seeds=[0], arch=["shared", "simplecnn-b4"], alphas=[0.5],
                     kl=["reverse"])  # fmt: skip

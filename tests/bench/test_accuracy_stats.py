@@ -75,8 +75,45 @@ def test_blockwise_gaps_trend_and_count() -> None:
     )
     assert "+1.00 at 2 blocks (above BP), -4.95 at 4 blocks (below BP)" in findings[1]
     assert "falls further behind BP as the network is cut finer" in findings[1]
-    xs, ys = series["mnist"]["mlp"]
+    xs, ys = series["mnist"]["mlp SID"]
     assert xs == [2, 4] and ys[1] == pytest.approx([-0.05, -0.049])
+
+
+def test_blockwise_greedy_width_flatness_and_anchors() -> None:
+    """greedy rows beside SID, the consistency term's effect per block count, the width in the
+    model column, BP's flatness from its validation curve, and the published-anchor table."""
+    cifar = {"dataset": "cifar10", "model": "resnet18", "width": 8}
+    flat, rising = [0.50, 0.60, 0.65, 0.70, 0.70, 0.705, 0.70, 0.70], [0.3, 0.4, 0.5, 0.6]
+    rows = [row("bp", s, 0.70, **cifar, val_curve=flat) for s in (0, 1)]
+    rows += [row("sid", s, 0.68, **cifar, blocks=4) for s in (0, 1)]
+    rows += [row("greedy", s, 0.66 + 0.01 * s, **cifar, blocks=4) for s in (0, 1)]
+    rows += [row("sid", s, 0.60, **cifar, blocks=8) for s in (0, 1)]  # no greedy at 8
+    body, findings, series = stats.blockwise_stats(rows)
+    assert [r[1:3] for r in body] == [
+        ["resnet18 (width 8)", "BP"],
+        ["resnet18 (width 8)", "SID 4 blocks"],
+        ["resnet18 (width 8)", "SID 8 blocks"],
+        ["resnet18 (width 8)", "greedy (α=1) 4 blocks"],
+    ]
+    assert body[3][7] == "-3.50 ± 0.71"  # greedy − BP, val-selected
+    assert any("changed -0.50 points over the last quarter of its 8 epochs (flat" in f
+               for f in findings)  # fmt: skip
+    line = next(f for f in findings if f.startswith("Consistency term"))
+    assert "SID − greedy (α=1), val-selected test accuracy, +1.50 at 4 blocks (above)" in line
+    assert "8 blocks" not in line  # only block counts where both methods ran
+    assert set(series["cifar10"]) == {"resnet18 (width 8) SID", "resnet18 (width 8) greedy (α=1)"}
+
+    rows[0]["val_curve"] = rows[1]["val_curve"] = rising
+    _, findings, _ = stats.blockwise_stats(rows)
+    assert any("+10.00 points" in f and "NOT flat" in f for f in findings)
+
+    header, anchors = stats.anchor_table(rows)
+    assert header[3:] == ["SID − BP (this study)", "greedy (α=1) − BP (this study)",
+                          "greedy (DGL-style) − BP (published)", "InfoPro − BP (published)"]
+    assert anchors == [
+        ["cifar10", "resnet18 (width 8)", 4, "-2.00 ± 0.00", "-3.50 ± 0.71", "-4.0", "-1.2"],
+        ["cifar10", "resnet18 (width 8)", 8, "-10.00 ± 0.00", "–", "-7.0", "-3.8"],
+    ]  # fmt: skip
 
 
 def test_noise_drop_from_clean() -> None:

@@ -54,7 +54,7 @@ OWNER = {
     "model.depth": f"study runs give the mlp {MLP_DEPTH} layers",
     "method": "every study trains both methods",
     "sid.variant": "study.arch",
-    "sid.alpha": "study.alphas",
+    "sid.alpha": "study.alphas, or study.methods=[greedy] for alpha=1",
     "sid.kl_direction": "study.kl",
     "pipeline.stages": "study runs are single-process",
     "pipeline.threads": "study.threads",
@@ -212,10 +212,16 @@ def plan_reference(s: StudyConfig, extra: list[str]) -> list[Run]:
     return runs
 
 
+# study.methods: what each local method of the blockwise study is, as train overrides.
+# greedy = the label term alone (alpha=1): each module learns the labels by itself, as in
+# greedy/DGL-style local learning; it isolates what SID's consistency term adds.
+METHOD_OVERRIDES = {"sid": ["method=sid"], "greedy": ["method=sid", "sid.alpha=1.0"]}
+
+
 def plan_blockwise(s: StudyConfig, extra: list[str]) -> list[Run]:
     """BP trains all blocks + the final head end to end, which does not depend on how the
     layers are grouped: it runs once per (dataset, model, seed), the baseline of every block
-    count."""
+    count. Each of study.methods runs on every block count."""
     runs = []
     for data in datasets(s, "blockwise"):
         for model in s.models:
@@ -241,16 +247,17 @@ def plan_blockwise(s: StudyConfig, extra: list[str]) -> list[Run]:
                     skip = None
                     if not 1 <= blocks <= natural:
                         skip = f"{model} has {natural} natural layers: {blocks} blocks do not exist"
-                    labels = {
-                        "dataset": data,
-                        "model": model,
-                        "variant": "blockwise",
-                        "blocks": blocks,
-                        "method": "sid",
-                        "seed": seed,
-                    }
-                    specific = [*base, f"model.blocks={blocks}", "method=sid"]
-                    runs.append(make_run("blockwise", s, extra, labels, specific, skip))
+                    for method in s.methods:
+                        labels = {
+                            "dataset": data,
+                            "model": model,
+                            "variant": "blockwise",
+                            "blocks": blocks,
+                            "method": method,
+                            "seed": seed,
+                        }
+                        specific = [*base, f"model.blocks={blocks}", *METHOD_OVERRIDES[method]]
+                        runs.append(make_run("blockwise", s, extra, labels, specific, skip))
     return runs
 
 

@@ -64,6 +64,8 @@ def extract(summary: dict[str, Any]) -> dict[str, Any]:
         "wall_s": summary.get("wall_s"),
         "label_noise_rate": summary.get("label_noise_rate"),
         "curve": [e["test_per_depth"][-1] for e in evals],
+        "val_curve": [e["val_per_depth"][-1] for e in evals if e.get("val_per_depth")],
+        "width": ((summary.get("config") or {}).get("model") or {}).get("width"),
     }
 
 

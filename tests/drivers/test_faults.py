@@ -1,0 +1,35 @@
+"""A fault in one stage of a real pipeline ends every process with the reason, for SID and
+for BP: the stage runner's exception (raise), its non-finite loss check (nan, each method
+computes its own loss) and the launcher's watch over its children (kill; the same launcher
+for both methods, so SID's pipeline covers it)."""
+
+from __future__ import annotations
+
+import pytest
+
+from tests.conftest import TINY, assert_run_stopped, run_cli
+
+PIPELINES = {
+    "sid": ["pipeline.stages=3"],
+    "bp": ["method=bp", "pipeline.stages=2", "pipeline.schedule=1f1b"],
+}
+REASONS = {
+    "raise": "[stage 1] step 5: RuntimeError: injected fault",
+    "nan": "non-finite loss nan",
+    "kill": "stage 1 was killed by signal SIGKILL",
+}
+
+
+@pytest.mark.multiprocess
+@pytest.mark.parametrize(
+    "method,kind",
+    [("sid", "raise"), ("sid", "nan"), ("sid", "kill"), ("bp", "raise"), ("bp", "nan")],
+)
+def test_faults_stop_every_process(method, kind, tmp_path):
+    r = run_cli(
+        [*TINY, *PIPELINES[method], "train.epochs=3", "train.log_every=1"],
+        tmp_path,
+        timeout=90,
+        env={"SIDPIPE_FAULT": f"stage=1,step=5,kind={kind}"},
+    )
+    assert_run_stopped(r, REASONS[kind], tmp_path)

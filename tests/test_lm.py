@@ -291,3 +291,16 @@ def test_generate_errors_are_one_line(exported, tmp_path, capsys):
     export_model(digits_run, tmp_path / "mlp.pt")
     with pytest.raises(ConfigError, match="classifier; generate samples from language models"):
         generate_text(tmp_path / "mlp.pt", "", 5, None, None, 1.0, 0)
+
+
+def test_resumed_lm_run_equals_uninterrupted(text_file, sequential, tmp_path, caplog):
+    """A run stopped at a checkpoint and resumed draws the same windows and ends with the
+    same parameters (the text batches depend on (seed, epoch, batch) alone)."""
+    seq_dir, _ = sequential
+    half = [*lm(text_file), "pipeline.stages=1", "checkpoint.every_n_steps=5"]
+    train_single(compose_config([*half, "train.max_steps=5"]), tmp_path)
+    with caplog.at_level("INFO", logger="sidpipe"):
+        train_single(compose_config([*half, "resume=auto"]), tmp_path)  # on to max_steps=12
+    assert "at step 5" in caplog.text  # it resumed, rather than trained anew
+    a, b = load_state(seq_dir), load_state(tmp_path)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

@@ -118,7 +118,7 @@ def _train_single(cfg: Config, run_dir: Path) -> dict[str, Any]:
             state.samples += y.shape[0]  # samples: images, or windows of a text
             if state.step % cfg.train.log_every == 0:
                 log_train(ev.epoch)
-            tracer.add(Span.TRAIN, t0, time.perf_counter(), n=int(y.numel()))
+            tracer.add(Span.TRAIN, t0, time.perf_counter(), n=int(y.shape[0]))
             if bar is not None:
                 bar.update(1)
             continue

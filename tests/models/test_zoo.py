@@ -4,12 +4,13 @@ import pytest
 import torch
 from torch import nn
 
-from sidpipe.config import MODEL_NAMES, compose_config
+from sidpipe.config import LANGUAGE_MODELS, MODEL_NAMES, compose_config
 from sidpipe.errors import ConfigError
 from sidpipe.models import BlockNet, SharedSIDNet, build_model, natural_layers
 from sidpipe.models.vit import patch_size_for
 
-ZOO = tuple(n for n in MODEL_NAMES if n != "custom")  # custom: tests/models/test_custom.py
+# the image zoo; custom: tests/models/test_custom.py, language models (gpt): tests/test_lm.py
+ZOO = tuple(n for n in MODEL_NAMES if n != "custom" and n not in LANGUAGE_MODELS)
 
 torch.set_num_threads(1)
 

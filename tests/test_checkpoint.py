@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import shutil
+from collections import Counter
+from pathlib import Path
 
 import pytest
 import torch
@@ -85,6 +88,9 @@ def test_pipeline_kill_and_resume_is_exact(method, tmp_path):
     assert set(want) == set(got)
     for k in want:
         assert torch.equal(want[k], got[k]), k
+    # metrics.jsonl: the lines the killed attempt logged after step 10 were dropped, so the
+    # resumed run's file has the uninterrupted run's lines, each once
+    assert Counter(metric_keys(cut)) == Counter(metric_keys(full))  # stages interleave
 
 
 @pytest.mark.multiprocess
@@ -99,6 +105,18 @@ def test_single_process_resume_is_exact(method, tmp_path):
     want, got = load_state(full), load_state(cut)
     for k in want:
         assert torch.equal(want[k], got[k]), k
+    # the first run finished at step 25 (its last checkpoint): resumed from there, every
+    # (kind, step) line appears once, in training order
+    keys = metric_keys(cut)
+    assert len(set(keys)) == len(keys)
+    steps = [k[2] for k in keys if k[0] == "train"]
+    assert steps == sorted(steps) and steps[-1] > 25
+
+
+def metric_keys(run_dir: Path) -> list[tuple]:
+    """(kind, stage, step) of every metrics.jsonl line, in order."""
+    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+    return [(r.get("kind"), r.get("stage"), r.get("step")) for r in map(json.loads, lines)]
 
 
 @pytest.mark.multiprocess

@@ -17,7 +17,14 @@ from pathlib import Path
 import pytest
 
 from sidpipe.config import Config, LoggerConfig, WandbConfig, to_dict
-from sidpipe.runtime.logger import LoggerError, RunLogger, flatten, make_logger, scalars
+from sidpipe.runtime.logger import (
+    LoggerError,
+    RunLogger,
+    flatten,
+    make_logger,
+    scalars,
+    trim_metrics,
+)
 
 TRAIN = {"kind": "train", "step": 20, "epoch": 0, "loss": [0.9, 0.7, 0.5]}
 EVAL = {"kind": "eval", "step": 20, "epoch": 0, "test_per_depth": [0.5, 0.6, 0.7, 0.8]}
@@ -122,6 +129,19 @@ def test_console_logger_writes_flushed_jsonl(tmp_path):
     assert not (run_dir / "wandb").exists()
     with pytest.raises(RuntimeError):
         rl.log(TRAIN)
+
+
+def test_trim_metrics_keeps_what_the_checkpoint_covers(tmp_path):
+    """A died attempt logged steps 1..30 and was cut mid-line; resuming from step 20 keeps
+    1..20 (and lines without a step), drops the rest, and is a no-op the second time."""
+    path = tmp_path / "metrics.jsonl"
+    lines = [json.dumps({"kind": "config"})]
+    lines += [json.dumps({"kind": "train", "stage": 1, "step": s}) for s in range(1, 31)]
+    path.write_text("\n".join(lines) + '\n{"kind": "train", "st')
+    assert trim_metrics(path, 20) == 11
+    kept = [json.loads(x) for x in path.read_text().splitlines()]
+    assert kept[0] == {"kind": "config"} and [r["step"] for r in kept[1:]] == list(range(1, 21))
+    assert trim_metrics(path, 20) == 0 and trim_metrics(tmp_path / "absent.jsonl", 5) == 0
 
 
 def test_console_is_the_default_and_appends(tmp_path):

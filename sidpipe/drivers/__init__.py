@@ -14,7 +14,13 @@ from sidpipe.config import Config, to_dict
 from sidpipe.drivers.launch import Planner, run_pipeline
 from sidpipe.drivers.single import train_single
 from sidpipe.errors import ConfigError
-from sidpipe.runtime.checkpoint import checkpoint_root, latest_good, published
+from sidpipe.runtime.checkpoint import (
+    checkpoint_root,
+    published,
+    resolve_resume,
+    step_of,
+)
+from sidpipe.runtime.logger import METRICS_FILE, trim_metrics
 
 # Keys a finished run may be resumed with, to train it further
 RUN_LENGTH = ("train.epochs=", "train.max_steps=")
@@ -28,7 +34,8 @@ def prepare_run_dir(cfg: Config, run_dir: Path) -> dict[str, Any] | None:
     directory that holds another run's outputs; resume=auto on a finished run returns its
     summary untouched (a cluster requeue), or continues it if only train.epochs or
     train.max_steps changed (train it further); resume=auto with nothing to resume removes the
-    outputs of the attempt that died before its first checkpoint, then starts clean."""
+    outputs of the attempt that died before its first checkpoint, then starts clean; a resume
+    from a checkpoint first drops the metrics.jsonl lines logged after it."""
     used = [n for n in RUN_OUTPUTS if (run_dir / n).exists()]
     ckpts = published(checkpoint_root(cfg, run_dir))
     if cfg.resume is None:
@@ -44,17 +51,23 @@ def prepare_run_dir(cfg: Config, run_dir: Path) -> dict[str, Any] | None:
         changed = _changed(summary.get("config", {}), to_dict(cfg))
         if not changed:
             return summary
-        if all(c.startswith(RUN_LENGTH) for c in changed):
-            return None  # a longer run: continue from its newest checkpoint
-        raise ConfigError(
-            f"the run in {run_dir} finished with another config ({'; '.join(changed[:3])}); "
-            "resume=auto continues a run only with the same config (train.epochs and "
-            "train.max_steps may grow): give the new run its own hydra.run.dir"
-        )
-    if cfg.resume == "auto" and latest_good(checkpoint_root(cfg, run_dir)) is None:
+        if not all(c.startswith(RUN_LENGTH) for c in changed):
+            raise ConfigError(
+                f"the run in {run_dir} finished with another config ({'; '.join(changed[:3])}); "
+                "resume=auto continues a run only with the same config (train.epochs and "
+                "train.max_steps may grow): give the new run its own hydra.run.dir"
+            )
+        # else a longer run: continue from its newest checkpoint, below
+    start = resolve_resume(cfg, run_dir)
+    finished = (run_dir / "summary.json").exists()  # its outputs stay until replaced
+    if cfg.resume == "auto" and start is None and not finished:
         for name in used:  # a died attempt's partial outputs: nothing of it can be continued
             path = run_dir / name
             shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
+    elif start is not None and os.environ.get("RANK", "0") == "0":
+        # The resumed run logs the steps after its checkpoint again: one line per step.
+        # (Under torchrun rank 0 trims; no other stage logs before rank 0 sends it work.)
+        trim_metrics(run_dir / METRICS_FILE, step_of(start))
     return None
 
 

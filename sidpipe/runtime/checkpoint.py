@@ -57,7 +57,8 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def _step_of(path: Path) -> int:
+def step_of(path: Path) -> int:
+    """The training step a checkpoint directory (step_XXXXXXXX) holds."""
     return int(path.name[len(PREFIX) :])
 
 
@@ -68,7 +69,7 @@ def published(root: Path) -> list[Path]:
         return []
     names = [p for p in root.iterdir() if p.is_dir() and p.name.startswith(PREFIX)
              and len(p.name) == len(PREFIX) + 8 and p.name[len(PREFIX):].isdigit()]  # fmt: skip
-    return sorted(names, key=_step_of)
+    return sorted(names, key=step_of)
 
 
 def os_cause(e: BaseException) -> str:

@@ -36,6 +36,31 @@ log = logging.getLogger("sidpipe.runtime.logger")
 METRICS_FILE = "metrics.jsonl"
 
 
+def trim_metrics(path: Path, step: int) -> int:
+    """Before a resumed run appends to metrics.jsonl: drop the lines the died attempt logged
+    after the checkpoint it resumes from (step > `step`; the resumed run logs those steps
+    again) and a last line cut short by the crash. Returns the number of lines dropped.
+    Written via a temporary file and a rename, so a second crash loses nothing."""
+    if not path.is_file():
+        return 0
+    kept, dropped = [], 0
+    for line in path.read_text().splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:  # a line half-written when the process died
+            dropped += 1
+            continue
+        if isinstance(record, dict) and int(record.get("step", 0)) > step:
+            dropped += 1
+            continue
+        kept.append(line)
+    if dropped:
+        tmp = path.with_name(f".{path.name}.trim")
+        tmp.write_text("".join(f"{line}\n" for line in kept))
+        tmp.replace(path)
+    return dropped
+
+
 class LoggerError(ConfigError):
     """The chosen logger cannot start (reported in one line by `sidpipe train`)."""
 

@@ -46,6 +46,29 @@ def test_blockwise_module_loss_reaches_only_its_block_and_head():
                 assert not any(touched), f"loss {i} leaked a gradient into module {j}"
 
 
+@pytest.mark.parametrize("name", ["resnet18", "vgg11"])
+def test_batchnorm_across_local_modules(name):
+    """Each module's BatchNorm layers see one training forward per batch (running statistics
+    move once), and evaluation uses those running statistics: it changes nothing and does
+    not depend on the rest of the batch."""
+    torch.manual_seed(0)
+    cfg = Config(model=ModelConfig(name=name, width=4, blocks=4))
+    net = build_model(cfg.model, (3, 16, 16), 10)
+    method = BlockwiseSID(cfg, net, total=10, device=torch.device("cpu"))
+    bns = [m for m in net.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    x, y = torch.randn(8, 3, 16, 16), torch.randint(0, 10, (8,))
+    for step in (1, 2):
+        method.step(x, y)
+        assert all(int(m.num_batches_tracked) == step for m in bns)
+    before = [m.running_mean.clone() for m in bns]
+    whole = method.logits(x)
+    alone = method.logits(x[:1])  # one sample: batch statistics would differ from the batch's
+    assert all(torch.equal(m.running_mean, b) for m, b in zip(bns, before, strict=True))
+    assert all(int(m.num_batches_tracked) == 2 for m in bns)
+    for z_whole, z_alone in zip(whole, alone, strict=True):
+        assert torch.allclose(z_whole[:1], z_alone, atol=1e-5)
+
+
 def test_blockwise_step_changes_only_updated_modules():
     """One real step: every module moves; each module's new parameters depend only on its own
     loss (re-running with another module's head perturbed leaves them unchanged)."""

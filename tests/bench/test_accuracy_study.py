@@ -106,7 +106,7 @@ def test_tables_rows_and_plots(tiny_results: Path) -> None:
     for title in ("Study 1", "Study 2", "Study 3", "Study 4", "Study 5"):
         assert title in summary
     assert "- Depth: test accuracy never falls" in summary
-    assert "- Blockwise mlp on digits: SID − BP" in summary
+    assert "- Blockwise mlp (width 256) on digits: SID − BP" in summary  # the width the run used
 
 
 @pytest.mark.multiprocess
@@ -132,4 +132,5 @@ def test_rerun_reuses_and_merges(tiny_results: Path, tmp_path: Path) -> None:
     assert rows[("sid", 2)]["reason"] == "from an earlier invocation"
     md = (out / "blockwise.md").read_text()
     assert "run set 1" in md and "run set 2" in md and "'study.blocks=[3]'" in md
-    assert "| digits | mlp | SID 3 blocks |" in md and "| digits | mlp | SID 4 blocks |" in md
+    assert "| digits | mlp (width 256) | SID 3 blocks |" in md
+    assert "| digits | mlp (width 256) | SID 4 blocks |" in md

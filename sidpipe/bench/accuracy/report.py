@@ -143,8 +143,9 @@ def report_blockwise(rows: list[Row], metas: list[dict[str, Any]], out: Path) ->
         "depend on the block cut, so one BP run per seed is the baseline of every block "
         f"count). mlp: {MLP_DEPTH} residual layers. *greedy (α=1)* is SID with the label term "
         "only (each module trained alone on the labels, the greedy/DGL-style control): SID − "
-        "greedy is what the belief-consistency term adds. The model column gives model.width "
-        "when a run set it (the same for every method). Accuracies in %, mean ± std over "
+        "greedy is what the belief-consistency term adds. The model column gives the "
+        "model.width of its runs (the same for every method; none: the architecture's "
+        "standard). Accuracies in %, mean ± std over "
         "seeds; gaps are local − BP per seed, in points.",
         provenance(metas, "blockwise"),
         ["data", "model", "method", "last epoch", "best epoch", "val-selected", "gap (last)",

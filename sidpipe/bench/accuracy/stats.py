@@ -141,7 +141,8 @@ FLAT_POINTS = 1.0  # BP's curve counts as flat when its last quarter gains less 
 
 
 def model_label(r: Row) -> str:
-    """The model and its width (model.width; 'standard' when the run left it unset)."""
+    """The model and the model.width its runs used (the plain name where the config had
+    none: the architecture's standard width)."""
     width = r.get("width")
     return f"{r['model']} (width {width})" if width else str(r["model"])
 

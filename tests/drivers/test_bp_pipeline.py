@@ -170,9 +170,11 @@ def test_conv_stages(tmp_path):
         tmp_path,
     )
     assert r.returncode == 0, r.stderr[-3000:]
-    stages = read_summary(tmp_path)["per_stage"]
+    summary = read_summary(tmp_path)
+    stages = summary["per_stage"]
     data = load_data(DataConfig(name="digits"), 0)
-    net = build_model(ModelConfig(name="simplecnn"), data.in_shape, data.num_classes)
+    model = ModelConfig(**summary["config"]["model"])  # TINY's model.width=64 included
+    net = build_model(model, data.in_shape, data.num_classes)
     cut = stages[0]["modules"][-1]
     per_step = BATCH * math.prod(net.block_shapes()[cut]) * 2  # bf16
     assert stages[0]["bytes_sent_forward"] == stages[1]["bytes_sent_backward"] == 3 * per_step

@@ -44,6 +44,8 @@ def not_layers(in_shape, num_classes):
 
 
 CUSTOM = ["model=custom", f"model.target={TARGET}", "+model.kwargs.width=24"]
+# TINY without its mlp width: a custom model takes its sizes from model.kwargs only
+BASE = [a for a in TINY if not a.startswith("model.width=")]
 
 
 def test_custom_model_builds_with_heads_and_grouping():
@@ -84,15 +86,15 @@ STEPS = ["train.epochs=1", "train.max_steps=12"]
 def test_custom_model_pipelines_like_the_zoo(tmp_path):
     """SID pipeline == sequential SID on the custom model; the BP pipeline trains it too."""
     seq, pipe, bp = tmp_path / "seq", tmp_path / "pipe", tmp_path / "bp"
-    r = run_cli([*TINY, *CUSTOM, *STEPS, "pipeline.stages=1"], seq)
+    r = run_cli([*BASE, *CUSTOM, *STEPS, "pipeline.stages=1"], seq)
     assert r.returncode == 0, r.stderr
-    r = run_cli([*TINY, *CUSTOM, *STEPS, "pipeline.stages=2"], pipe)
+    r = run_cli([*BASE, *CUSTOM, *STEPS, "pipeline.stages=2"], pipe)
     assert r.returncode == 0, r.stderr
     want, got = load_state(seq), load_state(pipe)
     assert set(got) == set(want) and any(k.endswith("gate") for k in got)
     for key in want:
         assert torch.allclose(got[key], want[key], rtol=1e-6, atol=1e-7), key
-    r = run_cli([*TINY, *CUSTOM, *STEPS, "method=bp", "pipeline.stages=2",
+    r = run_cli([*BASE, *CUSTOM, *STEPS, "method=bp", "pipeline.stages=2",
                  "pipeline.microbatches=2"], bp)  # fmt: skip
     assert r.returncode == 0, r.stderr
     assert read_summary(bp)["test_accuracy"] > 0.3

@@ -12,8 +12,9 @@ position's features and the previous module's belief there (docs/design.md §9).
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
+
+from sidpipe.models.vit import TransformerBlock
 
 
 class TokenEmbedding(nn.Module):
@@ -31,41 +32,15 @@ class TokenEmbedding(nn.Module):
         return self.tok(x) + self.pos[:, : x.shape[1]]
 
 
-class CausalSelfAttention(nn.Module):
-    def __init__(self, dim: int, heads: int) -> None:
-        super().__init__()
-        if dim % heads:
-            raise ValueError(f"model.width={dim} is not divisible by model.heads={heads}")
-        self.heads = heads
-        self.qkv = nn.Linear(dim, 3 * dim)
-        self.proj = nn.Linear(dim, dim)
-
-    def forward(self, x: Tensor) -> Tensor:
-        b, t, d = x.shape
-        q, k, v = self.qkv(x).view(b, t, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
-        out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
-        return self.proj(out.transpose(1, 2).reshape(b, t, d))
-
-
-class DecoderLayer(nn.Module):
-    """Pre-norm: x + attn(LN(x)), then x + mlp(LN(x)); no dropout."""
-
-    def __init__(self, dim: int, heads: int, mlp_ratio: int = 4) -> None:
-        super().__init__()
-        self.norm1 = nn.LayerNorm(dim)
-        self.attn = CausalSelfAttention(dim, heads)
-        self.norm2 = nn.LayerNorm(dim)
-        self.mlp = nn.Sequential(
-            nn.Linear(dim, mlp_ratio * dim), nn.GELU(), nn.Linear(mlp_ratio * dim, dim)
-        )
-        for m in self.modules():  # GPT-2-style init: small normal weights, zero biases
-            if isinstance(m, nn.Linear):
-                nn.init.normal_(m.weight, std=0.02)
-                nn.init.zeros_(m.bias)
-
-    def forward(self, x: Tensor) -> Tensor:
-        x = x + self.attn(self.norm1(x))
-        return x + self.mlp(self.norm2(x))
+def decoder_layer(dim: int, heads: int) -> TransformerBlock:
+    """The ViT's pre-norm block with causal attention and GPT-2-style init: small normal
+    weights, zero biases."""
+    layer = TransformerBlock(dim, heads, causal=True)
+    for m in layer.modules():
+        if isinstance(m, nn.Linear):
+            nn.init.normal_(m.weight, std=0.02)
+            nn.init.zeros_(m.bias)
+    return layer
 
 
 def gpt_layers(
@@ -74,7 +49,7 @@ def gpt_layers(
     """`depth` decoder layers for windows of in_shape = (context,) tokens of `vocab`."""
     if len(in_shape) != 1:
         raise ValueError(f"model=gpt reads token windows (context,), not inputs of {in_shape}")
-    layers: list[nn.Module] = [DecoderLayer(width, heads) for _ in range(depth)]
+    layers: list[nn.Module] = [decoder_layer(width, heads) for _ in range(depth)]
     layers[0] = nn.Sequential(TokenEmbedding(vocab, in_shape[0], width), layers[0])
     return layers
 

@@ -29,28 +29,31 @@ class PatchEmbed(nn.Module):
 
 
 class Attention(nn.Module):
-    def __init__(self, dim: int, heads: int) -> None:
+    """Multi-head self-attention; causal=True: each token attends to itself and earlier ones
+    (the language model, sidpipe/models/gpt.py)."""
+
+    def __init__(self, dim: int, heads: int, causal: bool = False) -> None:
         super().__init__()
         if dim % heads:
-            raise ValueError(f"ViT dim {dim} is not divisible by {heads} heads")
-        self.heads = heads
+            raise ValueError(f"width {dim} is not divisible by {heads} attention heads")
+        self.heads, self.causal = heads, causal
         self.qkv = nn.Linear(dim, 3 * dim)
         self.proj = nn.Linear(dim, dim)
 
     def forward(self, x: Tensor) -> Tensor:
         b, n, d = x.shape
         q, k, v = self.qkv(x).view(b, n, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
-        out = F.scaled_dot_product_attention(q, k, v)
+        out = F.scaled_dot_product_attention(q, k, v, is_causal=self.causal)
         return self.proj(out.transpose(1, 2).reshape(b, n, d))
 
 
 class TransformerBlock(nn.Module):
     """Pre-norm: x + attn(LN(x)), then x + mlp(LN(x)); no dropout."""
 
-    def __init__(self, dim: int, heads: int, mlp_ratio: int = 4) -> None:
+    def __init__(self, dim: int, heads: int, mlp_ratio: int = 4, causal: bool = False) -> None:
         super().__init__()
         self.norm1 = nn.LayerNorm(dim)
-        self.attn = Attention(dim, heads)
+        self.attn = Attention(dim, heads, causal)
         self.norm2 = nn.LayerNorm(dim)
         self.mlp = nn.Sequential(
             nn.Linear(dim, mlp_ratio * dim), nn.GELU(), nn.Linear(mlp_ratio * dim, dim)

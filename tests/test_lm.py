@@ -7,16 +7,14 @@ pipeline on the same partition against single-process BP.
 
 from __future__ import annotations
 
-import threading
 from pathlib import Path
 
 import pytest
 import torch
-import torch.distributed as dist
 
 from sidpipe.config import compose_config
 from sidpipe.data import TextBatches, load_data, train_batches
-from sidpipe.drivers.sid import SIDStageRunner, from_wire, to_wire
+from sidpipe.drivers.sid import from_wire, to_wire
 from sidpipe.drivers.single import train_single
 from sidpipe.errors import ConfigError, DataError
 from sidpipe.export import evaluate_model, export_model, generate_text, load_exported
@@ -24,10 +22,10 @@ from sidpipe.export import main as export_main
 from sidpipe.method.anytime import exit_depths, generate
 from sidpipe.method.loss import sid_loss
 from sidpipe.models import build_model
-from sidpipe.runtime.dist import DistContext
 from sidpipe.runtime.io import load_state
-from sidpipe.runtime.transport import Kind, LoopbackTransport, Message
+from sidpipe.runtime.transport import Kind, Message
 from tests.conftest import read_summary, run_cli
+from tests.drivers.test_sid_runner import run_stages
 
 WORDS = "to be or not that is the question whether tis nobler in mind suffer".split()
 
@@ -146,30 +144,6 @@ def test_wire_roundtrip_and_bf16_halves_belief_bytes():
 # ---------------------------------------------------------------------------- the pipeline
 
 
-def run_threads(cfg, run_dir: Path) -> list:
-    world = cfg.pipeline.stages
-    store, links = dist.HashStore(), LoopbackTransport.links(world)
-    results: list = [None] * world
-    building = threading.Lock()  # the seeded init uses torch's global RNG: one at a time
-
-    def stage(rank: int) -> None:
-        ctx = DistContext(rank, world, rank, torch.device("cpu"), "gloo", False, store)
-        try:
-            with building:
-                runner = SIDStageRunner(ctx, cfg, run_dir, LoopbackTransport(rank, links, 30.0))
-            results[rank] = runner.run()
-        except Exception as e:  # noqa: BLE001 - the test reads it
-            results[rank] = e
-
-    threads = [threading.Thread(target=stage, args=(r,)) for r in range(world)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(timeout=120)
-    assert not any(t.is_alive() for t in threads), "a stage thread hung"
-    return results
-
-
 @pytest.fixture(scope="module")
 def sequential(text_file, tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("lm-seq")
@@ -181,7 +155,7 @@ def sequential(text_file, tmp_path_factory):
 def test_sid_pipeline_equals_sequential_on_gpt(text_file, sequential, tmp_path, layout):
     seq_dir, seq = sequential
     cfg = compose_config([*lm(text_file), *layout])
-    results = run_threads(cfg, tmp_path)
+    results = run_stages(cfg, tmp_path)
     errors = [r for r in results if isinstance(r, Exception)]
     assert not errors, errors
     a, b = load_state(seq_dir), load_state(tmp_path)
@@ -201,8 +175,8 @@ def test_sid_pipeline_equals_sequential_on_gpt(text_file, sequential, tmp_path, 
 
 def test_bf16_beliefs_cut_the_bytes_and_still_train(text_file, sequential, tmp_path):
     _, seq = sequential
-    fp32 = run_threads(compose_config([*lm(text_file), "pipeline.stages=2"]), tmp_path / "a")
-    bf16 = run_threads(
+    fp32 = run_stages(compose_config([*lm(text_file), "pipeline.stages=2"]), tmp_path / "a")
+    bf16 = run_stages(
         compose_config([*lm(text_file), "pipeline.stages=2", "pipeline.belief_dtype=bf16"]),
         tmp_path / "b",
     )

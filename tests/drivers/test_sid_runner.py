@@ -27,8 +27,12 @@ TINY = ["data=digits", "model=mlp", "model.width=32", "model.depth=4", "train.ba
 
 
 def run_threads(overrides: list[str], run_dir: Path, fault_stage: int | None = None) -> list:
+    """run_stages on TINY with these overrides."""
+    return run_stages(compose_config([*TINY, *overrides]), run_dir, fault_stage)
+
+
+def run_stages(cfg, run_dir: Path, fault_stage: int | None = None) -> list:
     """Run every stage of a SID pipeline as a thread; returns each stage's result (or error)."""
-    cfg = compose_config([*TINY, *overrides])
     world = cfg.pipeline.stages
     store, links = dist.HashStore(), LoopbackTransport.links(world)
     results: list = [None] * world

@@ -586,13 +586,47 @@ def load_data(cfg: Any, seed: int) -> DataBundle:
 # ----------------------------------------------------------------------------- batches
 
 
-class Batches:
-    """Deterministic in-memory batch iterator (no DataLoader workers: data is small and in RAM).
+class _EpochBatches:
+    """What image and text batches share: the batch count, and epoch(k, start=b) yielding
+    batches b..len-1 of epoch k, each a function of (seed, k, b) alone (so a resume sees
+    exactly the batches an uninterrupted run would have)."""
+
+    def __init__(
+        self,
+        split: Split | TextSplit,
+        batch_size: int,
+        shuffle: bool,
+        seed: int,
+        drop_last: bool,
+        device: torch.device | str | None,
+        host: torch.device,
+    ) -> None:
+        if batch_size < 1:
+            raise ValueError(f"train.batch_size must be >= 1 (got {batch_size})")
+        self.split, self.batch_size, self.shuffle = split, batch_size, shuffle
+        self.seed, self.drop_last = seed, drop_last
+        self.device = torch.device(device) if device is not None else host
+
+    def __len__(self) -> int:
+        n = len(self.split)
+        return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
+
+    def epoch(self, epoch: int, start: int = 0) -> Iterator[tuple[Tensor, Tensor]]:
+        if not 0 <= start <= len(self):
+            raise ValueError(f"start={start} is outside 0..{len(self)} batches per epoch")
+        return self._iter(epoch, start)
+
+    def _iter(self, epoch: int, start: int) -> Iterator[tuple[Tensor, Tensor]]:
+        raise NotImplementedError
+
+
+class Batches(_EpochBatches):
+    """Deterministic in-memory image batches (no DataLoader workers: data is small and in RAM):
+    (x float32 normalised (B,C,H,W), y int64 (B,)).
 
     Epoch k's order and augmentation depend only on (seed, k) -- and augmentation of batch b
-    only on (seed, k, b) -- so a resumed run that calls `epoch(k, start=b)` sees exactly the
-    batches an uninterrupted run would have. `device` (an addition to the spec) keeps the uint8
-    data on that device once, so batches are sliced, augmented and normalised there.
+    only on (seed, k, b). `device` (an addition to the spec) keeps the uint8 data on that
+    device once, so batches are sliced, augmented and normalised there.
     """
 
     def __init__(
@@ -606,34 +640,21 @@ class Batches:
         drop_last: bool = False,
         device: torch.device | str | None = None,
     ) -> None:
-        if batch_size < 1:
-            raise ValueError(f"train.batch_size must be >= 1 (got {batch_size})")
-        self.split, self.batch_size, self.shuffle = split, batch_size, shuffle
-        self.seed, self.augment, self.drop_last = seed, augment, drop_last
-        self.device = torch.device(device) if device is not None else split.x.device
+        super().__init__(split, batch_size, shuffle, seed, drop_last, device, split.x.device)
+        self.augment = augment
         self._x = split.x.to(self.device)
         self._y = split.y.to(self.device)
         c = len(bundle.mean)
         self._mean = torch.tensor(bundle.mean, device=self.device).view(1, c, 1, 1)
         self._std = torch.tensor(bundle.std, device=self.device).view(1, c, 1, 1)
 
-    def __len__(self) -> int:
-        n = len(self.split)
-        return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
-
-    def epoch(self, epoch: int, start: int = 0) -> Iterator[tuple[Tensor, Tensor]]:
-        """Yield (x float32 normalised (B,C,H,W), y int64 (B,)) for batches start..len-1."""
-        if not 0 <= start <= len(self):
-            raise ValueError(f"start={start} is outside 0..{len(self)} batches per epoch")
-        n = len(self.split)
+    def _iter(self, epoch: int, start: int) -> Iterator[tuple[Tensor, Tensor]]:
+        n, bs = len(self.split), self.batch_size
         if self.shuffle:
             order = torch.randperm(n, generator=_torch_gen(self.seed, epoch, _SHUFFLE))
         else:
             order = torch.arange(n)
-        return self._iter(order.to(self.device), epoch, start)
-
-    def _iter(self, order: Tensor, epoch: int, start: int) -> Iterator[tuple[Tensor, Tensor]]:
-        bs = self.batch_size
+        order = order.to(self.device)
         for b in range(start, len(self)):
             idx = order[b * bs : (b + 1) * bs]
             x = self._x[idx].float().div_(255.0)
@@ -660,7 +681,7 @@ class Batches:
         return out.permute(0, 3, 1, 2).contiguous()
 
 
-class TextBatches:
+class TextBatches(_EpochBatches):
     """Batches of byte windows, with the interface of `Batches`: (x, y), both int64 (B, T),
     y = x shifted by one byte. Training (shuffle): each batch draws B window starts anywhere
     in the split from (seed, epoch, batch index) alone, so a resume reproduces it exactly.
@@ -675,22 +696,9 @@ class TextBatches:
         drop_last: bool = False,
         device: torch.device | str | None = None,
     ) -> None:
-        if batch_size < 1:
-            raise ValueError(f"train.batch_size must be >= 1 (got {batch_size})")
-        self.split, self.batch_size, self.shuffle = split, batch_size, shuffle
-        self.seed, self.drop_last = seed, drop_last
-        self.device = torch.device(device) if device is not None else split.data.device
+        super().__init__(split, batch_size, shuffle, seed, drop_last, device, split.data.device)
         self._data = split.data.to(self.device)
         self._offsets = torch.arange(split.context + 1, device=self.device)
-
-    def __len__(self) -> int:
-        n = len(self.split)
-        return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
-
-    def epoch(self, epoch: int, start: int = 0) -> Iterator[tuple[Tensor, Tensor]]:
-        if not 0 <= start <= len(self):
-            raise ValueError(f"start={start} is outside 0..{len(self)} batches per epoch")
-        return self._iter(epoch, start)
 
     def _iter(self, epoch: int, start: int) -> Iterator[tuple[Tensor, Tensor]]:
         bs, t = self.batch_size, self.split.context

@@ -325,10 +325,11 @@ class CheckpointManager:
         self, module: nn.Module, optimizers: list[torch.optim.Optimizer], schedulers: list[Any]
     ) -> tuple[RunState, Path] | None:
         """With resume= set: load this stage's part of the checkpoint; None for a fresh start."""
-        path = resolve_resume(self.cfg, self.run_dir)
+        path = resolve_resume(self.cfg, self.run_dir)  # verified there: read, don't re-hash
         if path is None:
             return None
-        check_compatible(verify(path), self.cfg, self.meta["partition"], path)
+        meta = json.loads((path / "meta.json").read_text())
+        check_compatible(meta, self.cfg, self.meta["partition"], path)
         extra = load(path, self.rank, module, optimizers)
         return RunState.from_json(extra, schedulers), path
 

@@ -147,6 +147,14 @@ def model_label(r: Row) -> str:
     return f"{r['model']} (width {width})" if width else str(r["model"])
 
 
+def by_model(rows: Iterable[Row]) -> dict[tuple, list[Row]]:
+    """Rows grouped by (dataset, model label): one group per network the tables compare."""
+    out: dict[tuple, list[Row]] = defaultdict(list)
+    for r in rows:
+        out[(r.get("dataset"), model_label(r))].append(r)
+    return out
+
+
 def flatness(bp: list[Row]) -> tuple[float, int] | None:
     """Mean over seeds of BP's validation accuracy gain over the last quarter of its epochs
     (last epoch minus the epoch 3/4 of the way through), in points, and the epochs run."""
@@ -165,9 +173,7 @@ def blockwise_stats(
     body, findings = [], []
     settings = level_or_above = 0
     gap_series: dict[str, dict[str, Series]] = defaultdict(dict)
-    for r in good:
-        r.setdefault("model_label", model_label(r))
-    for (data, model), grp in sorted(by(good, "dataset", "model_label").items()):
+    for (data, model), grp in sorted(by_model(good).items()):
         bp = [r for r in grp if r["method"] == "bp"]
         body.append([data, model, "BP", *metric_cols(bp), "–", "–",
                      secs(values(bp, "s_per_epoch")), runs_cell(bp)])  # fmt: skip
@@ -252,9 +258,7 @@ def anchor_table(good: list[Row]) -> tuple[list[str], list[list[Any]]]:
               *[f"{n} − BP (this study)" for n in LOCAL_METHODS.values()],
               *[f"{n} − BP (published)" for n in names]]  # fmt: skip
     body = []
-    for r in good:
-        r.setdefault("model_label", model_label(r))
-    for (data, model), grp in sorted(by(good, "dataset", "model_label").items()):
+    for (data, model), grp in sorted(by_model(good).items()):
         bp = [r for r in grp if r["method"] == "bp"]
         blocks = sorted({r["blocks"] for r in grp if r["method"] in LOCAL_METHODS})
         for k in blocks:

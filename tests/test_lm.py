@@ -190,13 +190,16 @@ def test_bf16_beliefs_cut_the_bytes_and_still_train(text_file, sequential, tmp_p
 
 
 @pytest.mark.multiprocess
-def test_bp_pipeline_on_gpt_equals_single_process_bp(text_file, tmp_path):
-    """BP on the same partition (1F1B, 2 ranks) = single-process BP with the same microbatches."""
-    bp = [*lm(text_file), "method=bp", "pipeline.microbatches=2", "pipeline.threads=1",
+@pytest.mark.parametrize("schedule", ["1f1b", "zbv"])
+def test_bp_pipeline_on_gpt_equals_single_process_bp(text_file, tmp_path, schedule):
+    """BP on the same partition, 2 ranks, = single-process BP with the same microbatches:
+    1F1B (one stage per rank) and ZBV (a V of 4 stages, backward split into input and weight
+    gradients: the schedule with the most ways to differ from plain autograd)."""
+    bp = [*lm(text_file), "method=bp", "pipeline.microbatches=4", "pipeline.threads=1",
           "pipeline.timeout_s=60"]  # fmt: skip
     s1 = train_single(compose_config([*bp, "pipeline.stages=1"]), tmp_path / "seq")
-    pipe = run_cli([*bp, "pipeline.stages=2", "pipeline.schedule=1f1b"], tmp_path / "pipe",
-                   timeout=120)  # fmt: skip
+    pipe = run_cli([*bp, "pipeline.stages=2", f"pipeline.schedule={schedule}"],
+                   tmp_path / "pipe", timeout=120)  # fmt: skip
     assert pipe.returncode == 0, pipe.stderr[-2000:]
     a, b = load_state(tmp_path / "seq"), load_state(tmp_path / "pipe")
     assert set(b) <= set(a)

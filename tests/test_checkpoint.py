@@ -10,6 +10,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from sidpipe import drivers
+from sidpipe.config import compose_config
+from sidpipe.errors import SidpipeError
 from sidpipe.runtime import checkpoint
 from sidpipe.runtime.io import load_state
 from tests.conftest import TINY, run_cli
@@ -123,15 +126,21 @@ def metric_keys(run_dir: Path) -> list[tuple]:
 def test_resume_on_another_layout_is_refused(tmp_path):
     r = run_cli([*TINY, *CKPT, "pipeline.stages=2", "train.max_steps=10"], tmp_path)
     assert r.returncode == 0, r.stderr[-2000:]
-    r = run_cli([*TINY, *CKPT, "pipeline.stages=3", "resume=auto"], tmp_path)
-    assert r.returncode != 0  # the run finished: resume=auto with another config trains nothing
-    assert "finished with another config (pipeline.stages=2, now 3" in r.stderr
+    # The refusals come from the launcher, before any stage process starts: in this process.
+    def refused(overrides: list[str], run_dir: Path) -> str:
+        with pytest.raises(SidpipeError) as e:
+            drivers.run(compose_config([*TINY, *overrides]), run_dir)
+        return str(e.value)
+
+    msg = refused([*CKPT, "pipeline.stages=3", "resume=auto"], tmp_path)
+    assert "finished with another config (pipeline.stages=2, now 3" in msg  # nothing trained
     (tmp_path / "summary.json").unlink()  # as if it had stopped after its last checkpoint
-    r = run_cli([*TINY, *CKPT, "pipeline.stages=3", "resume=auto"], tmp_path)
-    assert r.returncode != 0
-    assert "was written by a 2-stage sid run" in r.stderr
-    r = run_cli([*TINY, "pipeline.stages=1", f"resume={tmp_path / 'nowhere'}"], tmp_path / "x")
-    assert r.returncode != 0 and "does not exist" in r.stderr
+    for other in ("pipeline.stages=3", "method=bp"):
+        msg = refused([*CKPT, other, "resume=auto"], tmp_path)
+        assert "was written by a 2-stage sid run" in msg and "is not supported" in msg
+    assert not (tmp_path / "failure.txt").exists()  # no stage process was started
+    assert "does not exist" in refused(["pipeline.stages=1", f"resume={tmp_path / 'no'}"],
+                                       tmp_path / "x")  # fmt: skip
 
 
 class _Payload:

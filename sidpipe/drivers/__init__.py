@@ -15,8 +15,10 @@ from sidpipe.drivers.launch import Planner, run_pipeline
 from sidpipe.drivers.single import train_single
 from sidpipe.errors import ConfigError
 from sidpipe.runtime.checkpoint import (
+    check_compatible,
     checkpoint_root,
     published,
+    read_meta,
     resolve_resume,
     step_of,
 )
@@ -59,6 +61,8 @@ def prepare_run_dir(cfg: Config, run_dir: Path) -> dict[str, Any] | None:
             )
         # else a longer run: continue from its newest checkpoint, below
     start = resolve_resume(cfg, run_dir)
+    if start is not None:  # another stage count or method: refused before any stage starts
+        check_compatible(read_meta(start), cfg, None, start)
     finished = (run_dir / "summary.json").exists()  # its outputs stay until replaced
     if cfg.resume == "auto" and start is None and not finished:
         for name in used:  # a died attempt's partial outputs: nothing of it can be continued

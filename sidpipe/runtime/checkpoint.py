@@ -147,17 +147,26 @@ def resolve_resume(cfg: Config, run_dir: Path) -> Path | None:
 
 
 def check_compatible(
-    meta: dict[str, Any], cfg: Config, partition: list[list[int]], path: Path
+    meta: dict[str, Any], cfg: Config, partition: list[list[int]] | None, path: Path
 ) -> None:
-    """Same method, stage count and cuts, or a clear refusal (re-partitioning is not done)."""
+    """Same method, stage count and cuts, or a clear refusal (re-partitioning is not done).
+    partition=None checks method and stage count only (the launcher, before any stage
+    process starts and before the model is cut)."""
     want = (cfg.pipeline.stages, cfg.method.value, partition)
-    if (meta["stages"], meta["method"], meta["partition"]) != want:
+    have = (meta["stages"], meta["method"], meta["partition"] if partition is not None else None)
+    if have != want:
+        blocks = "" if partition is None else f" (blocks {partition})"
         raise CheckpointError(
             f"checkpoint {path} was written by a {meta['stages']}-stage {meta['method']} run "
             f"(blocks per stage {meta['partition']}); resuming with pipeline.stages="
-            f"{cfg.pipeline.stages} method={cfg.method.value} (blocks {partition}) is not "
+            f"{cfg.pipeline.stages} method={cfg.method.value}{blocks} is not "
             "supported: resume with the same layout, or export the model and start a new run"
         )
+
+
+def read_meta(path: Path) -> dict[str, Any]:
+    """meta.json of a checkpoint that resolve_resume or verify has already checked."""
+    return json.loads((path / "meta.json").read_text())
 
 
 def _state(module: nn.Module, optimizers: list[torch.optim.Optimizer]) -> dict[str, Any]:
@@ -328,8 +337,7 @@ class CheckpointManager:
         path = resolve_resume(self.cfg, self.run_dir)  # verified there: read, don't re-hash
         if path is None:
             return None
-        meta = json.loads((path / "meta.json").read_text())
-        check_compatible(meta, self.cfg, self.meta["partition"], path)
+        check_compatible(read_meta(path), self.cfg, self.meta["partition"], path)
         extra = load(path, self.rank, module, optimizers)
         return RunState.from_json(extra, schedulers), path
 

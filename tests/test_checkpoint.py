@@ -96,20 +96,21 @@ def test_pipeline_kill_and_resume_is_exact(method, tmp_path):
     assert Counter(metric_keys(cut)) == Counter(metric_keys(full))  # stages interleave
 
 
-@pytest.mark.multiprocess
 @pytest.mark.parametrize("method", ["sid", "bp"])
-def test_single_process_resume_is_exact(method, tmp_path):
+def test_single_process_resume_is_exact(method, tmp_path, caplog):
+    """In this process: the single-process trainer is what `sidpipe train` runs at S=1."""
     full, cut = tmp_path / "full", tmp_path / "cut"
     base = [*TINY, *CKPT, "pipeline.stages=1", f"method={method}"]
-    assert run_cli(base, full).returncode == 0
-    assert run_cli([*base, "train.max_steps=25"], cut).returncode == 0  # stops after step 25
-    r = run_cli([*base, "resume=auto"], cut)
-    assert r.returncode == 0, r.stderr[-2000:]
+    drivers.run(compose_config(base), full)
+    drivers.run(compose_config([*base, "train.max_steps=25"]), cut)  # stops after step 25
+    with caplog.at_level("INFO", logger="sidpipe"):
+        drivers.run(compose_config([*base, "resume=auto"]), cut)
+    assert "step_00000020 at step 20" in caplog.text  # its newest checkpoint (every 10 steps)
     want, got = load_state(full), load_state(cut)
     for k in want:
         assert torch.equal(want[k], got[k]), k
-    # the first run finished at step 25 (its last checkpoint): resumed from there, every
-    # (kind, step) line appears once, in training order
+    # the first run finished at step 25 and was continued from its checkpoint at step 20:
+    # every (kind, step) line appears once, in training order
     keys = metric_keys(cut)
     assert len(set(keys)) == len(keys)
     steps = [k[2] for k in keys if k[0] == "train"]

@@ -1,5 +1,5 @@
 """Single-process trainers: locality of blockwise SID, the shared variant against a literal
-re-statement of the reference algorithm, and short real training runs through the CLI."""
+re-statement of the reference algorithm, and short real training runs (in this process)."""
 
 from __future__ import annotations
 
@@ -10,12 +10,17 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from sidpipe.config import Config, DataConfig, ModelConfig, SIDConfig, Variant
+from sidpipe import drivers
+from sidpipe.config import Config, DataConfig, ModelConfig, SIDConfig, Variant, compose_config
 from sidpipe.data import load_data
 from sidpipe.method.step import BlockwiseSID, SharedSID
 from sidpipe.models import build_model
 from sidpipe.models.shared import SharedSIDNet
-from tests.conftest import read_summary, run_cli
+from tests.conftest import read_summary
+
+
+def train(overrides: list[str], run_dir) -> dict:
+    return drivers.run(compose_config(overrides), run_dir)
 
 
 def _batch(n=16, seed=0):
@@ -156,7 +161,6 @@ def test_shared_step_equals_reference_restatement(alpha, float64):
     assert not torch.equal(ours.sid_modules[0][0].weight, init.sid_modules[0][0].weight)
 
 
-@pytest.mark.multiprocess
 @pytest.mark.parametrize(
     "name,overrides",
     [
@@ -165,9 +169,10 @@ def test_shared_step_equals_reference_restatement(alpha, float64):
         ("bp", ["method=bp", "train.epochs=6"]),
     ],
 )
-def test_digits_smoke_reaches_093(name, overrides, tmp_path):
-    r = run_cli(["pipeline.stages=1", "progress=false", *overrides], tmp_path, timeout=120)
-    assert r.returncode == 0, r.stderr[-2000:]
+def test_digits_smoke_reaches_093(name, overrides, tmp_path, caplog):
+    """What `sidpipe train` runs at S=1, in this process (the CLI itself: tests/test_cli.py)."""
+    with caplog.at_level("INFO", logger="sidpipe"):
+        train(["pipeline.stages=1", "progress=false", *overrides], tmp_path)
     s = read_summary(tmp_path)
     assert s["test_accuracy"] >= 0.93, f"{name}: {s['test_accuracy']}"
     for key in (
@@ -195,30 +200,20 @@ def test_digits_smoke_reaches_093(name, overrides, tmp_path):
     )
     if name == "bp":
         assert len(s["per_depth_accuracy"]) == 1
-    assert "test accuracy" in r.stdout
+    assert "test accuracy" in caplog.text
 
 
-@pytest.mark.multiprocess
 def test_validation_split_selects_epoch(tmp_path):
-    r = run_cli(
-        ["pipeline.stages=1", "progress=false", "train.epochs=3", "data.val_fraction=0.2"],
-        tmp_path,
-        timeout=120,
-    )
-    assert r.returncode == 0, r.stderr[-2000:]
+    train(["pipeline.stages=1", "progress=false", "train.epochs=3", "data.val_fraction=0.2"],
+          tmp_path)  # fmt: skip
     s = read_summary(tmp_path)
     assert 0 <= s["val_selected_epoch"] < 3 and 0 < s["val_accuracy"] <= 1
     assert s["best_epoch_test_accuracy"] >= s["val_selected_test_accuracy"]
 
 
-@pytest.mark.multiprocess
 def test_label_noise_rate_in_summary(tmp_path):
     data = load_data(DataConfig(name="digits", label_noise=0.2), 0)
-    r = run_cli(
-        ["pipeline.stages=1", "progress=false", "train.epochs=1", "data.label_noise=0.2"],
-        tmp_path,
-        timeout=120,
-    )
-    assert r.returncode == 0, r.stderr[-2000:]
+    train(["pipeline.stages=1", "progress=false", "train.epochs=1", "data.label_noise=0.2"],
+          tmp_path)  # fmt: skip
     assert read_summary(tmp_path)["label_noise_rate"] == pytest.approx(data.noise_rate)
     assert 0.15 < data.noise_rate < 0.25

@@ -12,9 +12,9 @@ from typing import Any
 
 from sidpipe.config import Config, to_dict
 from sidpipe.drivers.launch import Planner, run_pipeline
-from sidpipe.drivers.single import train_single
 from sidpipe.errors import ConfigError
-from sidpipe.runtime.checkpoint import (
+from sidpipe.runtime.logger import METRICS_FILE, trim_metrics
+from sidpipe.runtime.resume import (
     check_compatible,
     checkpoint_root,
     published,
@@ -22,7 +22,6 @@ from sidpipe.runtime.checkpoint import (
     resolve_resume,
     step_of,
 )
-from sidpipe.runtime.logger import METRICS_FILE, trim_metrics
 
 # Keys a finished run may be resumed with, to train it further
 RUN_LENGTH = ("train.epochs=", "train.max_steps=")
@@ -102,5 +101,7 @@ def run(cfg: Config, run_dir: str | Path, planner: Planner | None = None) -> dic
               "nothing to do", flush=True)  # fmt: skip
         return done if os.environ.get("RANK", "0") == "0" else {}
     if cfg.pipeline.stages == 1 and "TORCHELASTIC_RUN_ID" not in os.environ:
+        from sidpipe.drivers.single import train_single  # not in a pipeline's launcher
+
         return train_single(cfg, run_dir)
     return run_pipeline(cfg, run_dir, planner)

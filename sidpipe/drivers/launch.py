@@ -21,7 +21,7 @@ import time
 import uuid
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from torch.distributed.elastic.multiprocessing.api import SignalException
 from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
@@ -29,9 +29,6 @@ from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
 from sidpipe.config import Config, Method
 from sidpipe.data import load_data
-from sidpipe.drivers.bp import BPStageRunner, check_bp_layout
-from sidpipe.drivers.runner import StageRunner
-from sidpipe.drivers.sid import SIDStageRunner
 from sidpipe.drivers.summary import gather_and_write
 from sidpipe.errors import Interrupted, TrainingError
 from sidpipe.method.stage import check_graph_device
@@ -46,6 +43,9 @@ LOST_PEER = ("Connection reset by peer", "Connection closed by peer", "Broken pi
 FAILURE_FILE = "failure.txt"  # the first failing stage's one-line reason
 
 
+if TYPE_CHECKING:
+    from sidpipe.drivers.runner import StageRunner
+
 # pipeline.partition=auto: measures the blocks and returns the config with concrete cuts
 # (bench/balance.py); called once, in the launcher or on rank 0 under torchrun.
 Planner = Callable[[Config, Path, int], Config]
@@ -57,6 +57,8 @@ def check_layout(cfg: Config) -> None:
     data = load_data(cfg.data, cfg.seed)
     net = build_net(cfg, data)
     if cfg.method is Method.bp:
+        from sidpipe.drivers.bp import check_bp_layout  # torch pipelining: BP runs only
+
         check_bp_layout(cfg, data, net)
     try:
         partition_blocks(net.n_blocks, cfg.stage_count, cfg.pipeline.partition)
@@ -83,7 +85,13 @@ def stage_main(cfg: Config, run_dir: str, planner: Planner | None = None) -> dic
             cfg.pipeline.partition = json.loads(ctx.store.get(CUTS_KEY).decode())
     runner: StageRunner | None = None
     try:
-        Runner = BPStageRunner if cfg.method is Method.bp else SIDStageRunner
+        # The runners are imported here, in the stage processes: the launcher never needs
+        # them (they pull in dynamo, and BP's torch.distributed.pipelining pulls in DTensor:
+        # seconds of imports before the first stage could start).
+        if cfg.method is Method.bp:
+            from sidpipe.drivers.bp import BPStageRunner as Runner
+        else:
+            from sidpipe.drivers.sid import SIDStageRunner as Runner
         runner = Runner(ctx, cfg, Path(run_dir))
         result = runner.run()
     except BaseException as e:  # noqa: BLE001 - every failure ends this process, loudly

@@ -19,7 +19,6 @@ is never loaded; a complete directory whose files were damaged later fails its c
 
 from __future__ import annotations
 
-import hashlib
 import io
 import json
 import logging
@@ -44,34 +43,20 @@ from sidpipe.config import Config, to_dict
 from sidpipe.errors import CheckpointError
 from sidpipe.runtime.cadence import RunState
 from sidpipe.runtime.io import atomic_write_json
+from sidpipe.runtime.resume import (  # noqa: F401 - re-exported: one module for callers
+    PREFIX,
+    _sha256,
+    check_compatible,
+    checkpoint_root,
+    latest_good,
+    published,
+    read_meta,
+    resolve_resume,
+    step_of,
+    verify,
+)
 
 log = logging.getLogger("sidpipe.runtime.checkpoint")
-PREFIX = "step_"
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def step_of(path: Path) -> int:
-    """The training step a checkpoint directory (step_XXXXXXXX) holds."""
-    return int(path.name[len(PREFIX) :])
-
-
-def published(root: Path) -> list[Path]:
-    """The checkpoint directories under root (step_ + 8 digits), oldest first; anything else
-    there (a .tmp of a save in progress, a user's backup copy, a stray file) is not one."""
-    if not root.is_dir():
-        return []
-    names = [p for p in root.iterdir() if p.is_dir() and p.name.startswith(PREFIX)
-             and len(p.name) == len(PREFIX) + 8 and p.name[len(PREFIX):].isdigit()]  # fmt: skip
-    return sorted(names, key=step_of)
-
-
 def os_cause(e: BaseException) -> str:
     """The OS error behind a wrapped one ('No space left on device'), else its first line."""
     seen: list[BaseException] = [e]
@@ -89,84 +74,6 @@ def os_cause(e: BaseException) -> str:
         if known in str(e):
             return known
     return (str(e).strip().splitlines() or [type(e).__name__])[0]
-
-
-def checkpoint_root(cfg: Config, run_dir: Path) -> Path:
-    return Path(cfg.checkpoint.dir) if cfg.checkpoint.dir else run_dir / "checkpoints"
-
-
-def verify(path: Path) -> dict[str, Any]:
-    """meta.json of a complete, undamaged checkpoint; CheckpointError otherwise."""
-    meta_path = path / "meta.json"
-    if not meta_path.exists():
-        raise CheckpointError(f"checkpoint {path} is incomplete (no meta.json)")
-    try:
-        meta = json.loads(meta_path.read_text())
-        files = {str(rel): (int(size), str(digest))
-                 for rel, (size, digest) in meta["files"].items()}  # fmt: skip
-    except (ValueError, KeyError, TypeError, AttributeError) as e:
-        raise CheckpointError(f"checkpoint {path} is damaged: unreadable meta.json ({e})") from None
-    for rel, (size, digest) in files.items():
-        if Path(rel).is_absolute() or ".." in Path(rel).parts:
-            raise CheckpointError(f"checkpoint {path}: meta.json names {rel}, outside it")
-        f = path / rel
-        if not f.exists() or f.stat().st_size != size or _sha256(f) != digest:
-            raise CheckpointError(
-                f"checkpoint {path} is damaged: {rel} does not match its checksum"
-            )
-    return meta
-
-
-def latest_good(root: Path) -> Path | None:
-    """The newest checkpoint that verifies; damaged ones are reported and skipped."""
-    for path in reversed(published(root)):
-        try:
-            verify(path)
-            return path
-        except CheckpointError as e:
-            log.warning("%s; falling back to an earlier checkpoint", e)
-    return None
-
-
-def resolve_resume(cfg: Config, run_dir: Path) -> Path | None:
-    """`resume=auto`: the newest good checkpoint (or a fresh start); `resume=PATH`: that one."""
-    if cfg.resume is None:
-        return None
-    if cfg.resume == "auto":
-        return latest_good(checkpoint_root(cfg, run_dir))
-    path = Path(cfg.resume)
-    if not path.exists():
-        raise CheckpointError(f"resume={path} does not exist")
-    if path.name.startswith(PREFIX):
-        verify(path)
-        return path
-    found = latest_good(path if path.name == "checkpoints" else path / "checkpoints")
-    if found is None:
-        raise CheckpointError(f"resume={path}: no complete, undamaged checkpoint found there")
-    return found
-
-
-def check_compatible(
-    meta: dict[str, Any], cfg: Config, partition: list[list[int]] | None, path: Path
-) -> None:
-    """Same method, stage count and cuts, or a clear refusal (re-partitioning is not done).
-    partition=None checks method and stage count only (the launcher, before any stage
-    process starts and before the model is cut)."""
-    want = (cfg.pipeline.stages, cfg.method.value, partition)
-    have = (meta["stages"], meta["method"], meta["partition"] if partition is not None else None)
-    if have != want:
-        blocks = "" if partition is None else f" (blocks {partition})"
-        raise CheckpointError(
-            f"checkpoint {path} was written by a {meta['stages']}-stage {meta['method']} run "
-            f"(blocks per stage {meta['partition']}); resuming with pipeline.stages="
-            f"{cfg.pipeline.stages} method={cfg.method.value}{blocks} is not "
-            "supported: resume with the same layout, or export the model and start a new run"
-        )
-
-
-def read_meta(path: Path) -> dict[str, Any]:
-    """meta.json of a checkpoint that resolve_resume or verify has already checked."""
-    return json.loads((path / "meta.json").read_text())
 
 
 def _state(module: nn.Module, optimizers: list[torch.optim.Optimizer]) -> dict[str, Any]:

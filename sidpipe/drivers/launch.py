@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import faulthandler
 import json
 import logging
 import math
@@ -41,6 +42,7 @@ RUN_DIR_KEY = "sidpipe/run_dir"
 CUTS_KEY = "sidpipe/partition"
 LOST_PEER = ("Connection reset by peer", "Connection closed by peer", "Broken pipe")
 FAILURE_FILE = "failure.txt"  # the first failing stage's one-line reason
+FAULT_FILE = "stage{rank}.fault.txt"  # a stage's Python stacks if a signal (SIGABRT...) kills it
 
 
 if TYPE_CHECKING:
@@ -74,6 +76,12 @@ def stage_main(cfg: Config, run_dir: str, planner: Planner | None = None) -> dic
         ctx.store.set(RUN_DIR_KEY, run_dir)
     else:
         run_dir = ctx.store.get(RUN_DIR_KEY).decode()
+    # A native crash (an abort in a C++ thread, a segfault) leaves no Python exception to
+    # report: faulthandler writes every thread's Python stack to this file instead, and the
+    # launcher names its innermost frame (the file is removed again on a clean exit).
+    fault_path = Path(run_dir) / FAULT_FILE.format(rank=ctx.rank)
+    fault_file = open(fault_path, "w")  # noqa: SIM115 - open for the life of the process
+    faulthandler.enable(fault_file, all_threads=True)
     if cfg.pipeline.partition == "auto":  # under torchrun: rank 0 measures, everyone uses it
         if planner is None:
             raise TrainingError("pipeline.partition=auto needs a partition planner")
@@ -114,6 +122,7 @@ def stage_main(cfg: Config, run_dir: str, planner: Planner | None = None) -> dic
         elif type(e).__name__ != "PeerFailure":
             reason = f"step {step}: {type(e).__name__}: {reason}"
         ctx.report_failure(reason, Path(run_dir))
+        _close_fault_file(fault_file, fault_path)
         if lost_peer:  # the peer died first: let the launcher see its death before ours
             time.sleep(1.0)
         # No collective after a failure (peers would block in it): leave now. os._exit skips
@@ -127,7 +136,29 @@ def stage_main(cfg: Config, run_dir: str, planner: Planner | None = None) -> dic
         runner.metrics.summary(summary)
     runner.metrics.close()
     shutdown()
+    _close_fault_file(fault_file, fault_path)
     return summary
+
+
+def _close_fault_file(f: Any, path: Path) -> None:
+    """No native crash happened (the process is leaving by itself): drop the empty file."""
+    faulthandler.disable()
+    f.close()
+    if path.stat().st_size == 0:
+        path.unlink(missing_ok=True)
+
+
+def native_crash(run_dir: Path, rank: int) -> str:
+    """What faulthandler wrote for a stage killed by a signal: 'Fatal Python error: Aborted,
+    in FILE, line N in FUNC (run_dir/stageR.fault.txt)', or '' if it wrote nothing."""
+    path = run_dir / FAULT_FILE.format(rank=rank)
+    lines = path.read_text(errors="replace").splitlines() if path.exists() else []
+    if not lines:
+        return ""
+    # the crashing thread is the one marked "Current thread", most recent call first
+    start = next((i for i, ln in enumerate(lines) if ln.startswith("Current thread")), 0)
+    frame = next((ln.strip() for ln in lines[start:] if ln.strip().startswith("File ")), "")
+    return f"{lines[0].strip()}{', in ' + frame if frame else ''} ({path})"
 
 
 def run_pipeline(cfg: Config, run_dir: Path, planner: Planner | None = None) -> dict[str, Any]:
@@ -164,14 +195,26 @@ def spawn(cfg: Config, run_dir: Path) -> dict[str, Any]:
     except SignalException as e:  # the agent has already stopped every stage
         raise Interrupted(int(e.sigval)) from None
     except ChildFailedError as e:
+        _drop_empty_fault_files(run_dir, cfg.pipeline.stages)
         reason = run_dir / FAILURE_FILE
         detail = reason.read_text().strip() if reason.exists() else "no stage reported a reason"
         first = re.match(r"\[stage (\d+)\]", detail)
         reporter = int(first.group(1)) if first else None
+        crashed = [r for r, f in e.failures.items() if f.exitcode < 0]
+        crash = next((c for r in sorted(crashed) if (c := native_crash(run_dir, r))), "")
         raise TrainingError(
             f"pipeline failed: {_failure_line(e, reporter)}; first reported: {detail}"
+            + (f"; {crash}" if crash else "")
         ) from None
     return results[0]
+
+
+def _drop_empty_fault_files(run_dir: Path, stages: int) -> None:
+    """A stage that was killed (SIGKILL, the agent's SIGTERM) left its fault file empty."""
+    for rank in range(stages):
+        path = run_dir / FAULT_FILE.format(rank=rank)
+        if path.exists() and path.stat().st_size == 0:
+            path.unlink()
 
 
 def _failure_line(e: Any, reporter: int | None = None) -> str:

@@ -39,7 +39,8 @@ class PeerFailure(RuntimeError):
 
 
 class Fault:
-    """Test hook: SIDPIPE_FAULT='stage=1,step=5,kind=raise|nan|kill' injects one fault."""
+    """Test hook: SIDPIPE_FAULT='stage=1,step=5,kind=raise|nan|kill|abort' injects one fault
+    (abort: a native crash, as an abort in a C++ thread would end the process)."""
 
     def __init__(self, spec: str):
         fields = dict(item.split("=", 1) for item in spec.split(","))
@@ -58,9 +59,11 @@ class Fault:
             raise RuntimeError("injected fault (SIDPIPE_FAULT)")
         if self.kind == "kill":
             os.kill(os.getpid(), signal.SIGKILL)
+        if self.kind == "abort":
+            os.abort()
         if self.kind == "nan":
             return h * float("nan")
-        raise ValueError(f"SIDPIPE_FAULT kind={self.kind!r} must be raise, nan or kill")
+        raise ValueError(f"SIDPIPE_FAULT kind={self.kind!r} must be raise, nan, kill or abort")
 
 
 class LossMeter:

@@ -135,6 +135,7 @@ def stage_main(cfg: Config, run_dir: str, planner: Planner | None = None) -> dic
         runner.metrics.replay(Path(run_dir) / "metrics.jsonl", skip_stage=0)
         runner.metrics.summary(summary)
     runner.metrics.close()
+    ctx.stop_heartbeat()
     shutdown()
     _close_fault_file(fault_file, fault_path)
     return summary

@@ -12,7 +12,7 @@ import socket
 import sys
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
 
@@ -43,6 +43,8 @@ class DistContext:
     backend: str
     staged: bool  # CUDA tensors travel through pinned host memory over gloo
     store: dist.Store
+    _heartbeat: threading.Thread | None = None
+    _stop: threading.Event = field(default_factory=threading.Event)
 
     @property
     def tag(self) -> str:
@@ -70,20 +72,30 @@ class DistContext:
     def start_heartbeat(self, store: dist.Store) -> None:
         """A daemon thread stamps this stage's clock on the control plane every HEARTBEAT_S,
         on its own store connection. It keeps beating while the main thread waits inside a
-        p2p op and stops only with the process (killed, or frozen by SIGSTOP), so a stage
-        that times out can name the peer that went silent instead of blaming its neighbour."""
+        p2p op and stops with the process (killed, or frozen by SIGSTOP) or at
+        `stop_heartbeat`, so a stage that times out can name the peer that went silent
+        instead of blaming its neighbour."""
         key = f"{HEARTBEAT_KEY}/{self.rank}"
         me = f"{socket.gethostname()} {os.getpid()}"
 
         def beat() -> None:
-            while True:
+            while not self._stop.is_set():
                 try:
                     store.set(key, f"{time.time()} {me}")
                 except Exception:  # the store is gone: the run is ending
                     return
-                time.sleep(HEARTBEAT_S)
+                self._stop.wait(HEARTBEAT_S)
 
-        threading.Thread(target=beat, name="sidpipe-heartbeat", daemon=True).start()
+        self._heartbeat = threading.Thread(target=beat, name="sidpipe-heartbeat", daemon=True)
+        self._heartbeat.start()
+
+    def stop_heartbeat(self) -> None:
+        """Before a clean exit: a daemon thread still inside a store call while the
+        interpreter shuts down can abort the process ("terminate called without an active
+        exception", SIGABRT after the run had finished, seen under heavy CPU load)."""
+        self._stop.set()
+        if self._heartbeat is not None:
+            self._heartbeat.join(timeout=5 * HEARTBEAT_S)
 
     def silent_peers(self) -> list[tuple[int, float, str, int]]:
         """(rank, seconds since its last heartbeat, host, pid) of every peer silent for more

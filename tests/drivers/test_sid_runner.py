@@ -8,6 +8,7 @@ tables, checkpoints, the resume position): the same guarantees as the multi-proc
 from __future__ import annotations
 
 import threading
+from datetime import timedelta
 from pathlib import Path
 
 import pytest
@@ -120,3 +121,14 @@ def test_nan_loss_stops_every_stage_with_its_reason(tmp_path):
     # stage 1 learns of it on the control plane (or sees the NaN itself), never hangs
     assert isinstance(results[1], (PeerFailure, Exception))
     assert "non-finite loss" in (tmp_path / "failure.txt").read_text()
+
+
+def test_heartbeat_beats_and_stops_before_exit():
+    """The heartbeat thread stamps the store and ends when asked: no daemon thread may still
+    be inside a store call while the interpreter shuts down (it aborted a finished stage)."""
+    store = dist.HashStore()
+    ctx = DistContext(0, 2, 0, torch.device("cpu"), "gloo", False, store)
+    ctx.start_heartbeat(store)
+    store.wait(["sidpipe/heartbeat/0"], timedelta(seconds=10))
+    ctx.stop_heartbeat()
+    assert ctx._heartbeat is not None and not ctx._heartbeat.is_alive()

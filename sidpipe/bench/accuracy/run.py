@@ -2,8 +2,10 @@
 
 Each run is `sidpipe train` composed from its overrides (the same config `sidpipe train`
 would build), trained single-process here or in `study.jobs` worker processes. A run whose
-folder holds summary.json is done: it is not run again (its row says so); a folder without
-one is an interrupted run and starts again from scratch.
+folder holds summary.json is done: it is not run again (its row says so). Every run saves a
+checkpoint at each epoch end, so a folder without summary.json is an interrupted run that
+continues from its last finished epoch (resume is exact: the result is the uninterrupted
+run's); the checkpoint is removed once the run is done.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from sidpipe.bench.accuracy.plan import Run, cost_key
 from sidpipe.bench.accuracy.stats import Row
 from sidpipe.config import compose_config
 from sidpipe.data import load_data
+from sidpipe.runtime.cadence import steps_per_epoch
 
 log = logging.getLogger("sidpipe.accuracy")
 
@@ -31,10 +34,17 @@ ID_KEYS = ("dataset", "arch", "model", "blocks", "method", "variant", "noise", "
 
 
 def execute(run: Run, run_dir: str | Path) -> dict[str, Any]:
-    """Compose the run's config exactly as `sidpipe train` would, then train in this process.
-    Only runs without a summary.json get here: a died attempt's partial outputs go first."""
-    shutil.rmtree(run_dir, ignore_errors=True)
-    return drivers.run(compose_config(run.overrides), run_dir)
+    """Compose the run's config exactly as `sidpipe train` would, then train in this process,
+    checkpointing at every epoch end and continuing an interrupted attempt from its last
+    checkpoint (`resume=auto`; a died attempt without one leaves partial outputs, which
+    resume=auto clears). Only runs without a summary.json get here."""
+    cfg = compose_config(run.overrides)
+    every = steps_per_epoch(cfg, load_data(cfg.data, cfg.seed))
+    resumable = [*run.overrides, f"checkpoint.every_n_steps={every}", "checkpoint.keep_last=1",
+                 "resume=auto"]  # fmt: skip
+    summary = drivers.run(compose_config(resumable), run_dir)
+    shutil.rmtree(Path(run_dir) / "checkpoints", ignore_errors=True)  # done: free the disk
+    return summary
 
 
 def _worker(run: Run, run_dir: str) -> dict[str, Any]:
@@ -95,9 +105,7 @@ def run_all(runs: list[Run], out: Path, jobs: int, meta: dict[str, Any]) -> list
             summary = json.loads((run_dir / "summary.json").read_text())
             row.update(status="reused", reason=f"result exists: {row['run_dir']}/summary.json")
             row.update(extract(summary))
-        else:
-            if run_dir.exists():  # an interrupted run: start it again from scratch
-                shutil.rmtree(run_dir)
+        else:  # new, or interrupted: execute() continues it from its last checkpoint
             todo.append((i, run, run_dir))
     if todo:
         log.info("%d run(s) to train, %d done or skipped", len(todo), len(runs) - len(todo))

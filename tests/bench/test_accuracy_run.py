@@ -1,0 +1,35 @@
+"""A study's run survives an interruption: it continues from its last epoch, exactly."""
+
+from __future__ import annotations
+
+import torch
+
+from sidpipe import drivers
+from sidpipe.bench.accuracy.plan import Run
+from sidpipe.bench.accuracy.run import execute
+from sidpipe.config import compose_config
+from sidpipe.runtime.io import load_state
+
+# 640 digits in batches of 64: 10 steps an epoch, so the epoch-end checkpoints are at 10, 20
+BASE = ["data=digits", "data.subset=640", "model=mlp", "model.width=32", "model.depth=4",
+        "train.batch_size=64", "train.epochs=3", "progress=false", "pipeline.stages=1",
+        "pipeline.threads=1"]  # fmt: skip
+
+
+def test_an_interrupted_run_continues_from_its_last_epoch(tmp_path, caplog):
+    run = Run("blockwise", "digits-mlp-b4-sid-s0", {}, BASE)
+    whole = tmp_path / "whole"
+    execute(run, whole)
+    assert not (whole / "checkpoints").exists()  # removed once the run is done
+    # A died attempt: it trained into the second epoch (checkpoint at step 10, as execute
+    # asks) and was cut off at step 15, before summary.json.
+    cut = tmp_path / "cut"
+    drivers.run(compose_config([*BASE, "train.max_steps=15", "checkpoint.every_n_steps=10",
+                                "resume=auto"]), cut)  # fmt: skip
+    (cut / "summary.json").unlink()
+    with caplog.at_level("INFO", logger="sidpipe"):
+        summary = execute(run, cut)
+    assert "step_00000010 at step 10" in caplog.text
+    want, got = load_state(whole), load_state(cut)
+    assert set(want) == set(got) and all(torch.equal(want[k], got[k]) for k in want)
+    assert summary["steps"] == 30 and not (cut / "checkpoints").exists()

@@ -80,8 +80,11 @@ def stage_main(cfg: Config, run_dir: str, planner: Planner | None = None) -> dic
     # report: faulthandler writes every thread's Python stack to this file instead, and the
     # launcher names its innermost frame (the file is removed again on a clean exit).
     fault_path = Path(run_dir) / FAULT_FILE.format(rank=ctx.rank)
-    fault_file = open(fault_path, "w")  # noqa: SIM115 - open for the life of the process
-    faulthandler.enable(fault_file, all_threads=True)
+    try:
+        fault_file = open(fault_path, "w")  # noqa: SIM115 - open for the life of the process
+        faulthandler.enable(fault_file, all_threads=True)
+    except OSError:  # an unwritable directory is reported where the run first writes to it
+        fault_file = None
     if cfg.pipeline.partition == "auto":  # under torchrun: rank 0 measures, everyone uses it
         if planner is None:
             raise TrainingError("pipeline.partition=auto needs a partition planner")
@@ -143,6 +146,8 @@ def stage_main(cfg: Config, run_dir: str, planner: Planner | None = None) -> dic
 
 def _close_fault_file(f: Any, path: Path) -> None:
     """No native crash happened (the process is leaving by itself): drop the empty file."""
+    if f is None:
+        return
     faulthandler.disable()
     f.close()
     if path.stat().st_size == 0:

@@ -17,12 +17,23 @@
 #    with partition=auto), and how much a per-message Adam step slows down when 1..16
 #    pinned processes step at once (memory-bandwidth contention, a suspect for S=4 scaling).
 #
+# 4. (PARTS=sim) the simulator where stages do not share a core with their communication:
+#    bench_mlp at S=2 measured on the CPU, one thread per stage and not pinned (16 cores for
+#    2 stages: gloo's threads get cores of their own), then benchmarks/sim_vs_measured.py
+#    against it (target: error <= 10 % for every schedule); and ResNet-18 per-stage costs
+#    measured on the GPU, simulated at S=4/8 with partition=auto (target: SID / best BP >= 1.3
+#    at equal update size, SID efficiency >= 0.9). About 8 minutes.
+#
+# PARTS picks what runs (default "cuda cpu16": parts 1-3; "sim": part 4 alone).
+#
 # The machine needs torch (any CUDA build >= 2.8) plus hydra-core, omegaconf and antlr4:
 # where those are missing, pip-download their wheels into .whl/ (see the device notes) and
 # the script installs them first. Results go to $OUT (default ./gpu_check_out).
 set -uo pipefail
 OUT=${OUT:-gpu_check_out}
+PARTS=${PARTS:-cuda cpu16}
 mkdir -p "$OUT"
+want() { [[ " $PARTS " == *" $1 "* ]]; }
 PY=${PYTHON:-python3}
 if compgen -G ".whl/*.whl" >/dev/null; then
     "$PY" -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl || exit 1
@@ -32,6 +43,7 @@ export PYTHONPATH=$PWD:${PYTHONPATH:-} PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/tests.log"
 "$PY" -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda)" | tee -a "$OUT/tests.log"
 
+if want cuda; then
 echo "== CUDA tests" | tee -a "$OUT/tests.log"
 timeout 300 "$PY" -m pytest -q -p no:cacheprovider tests/test_graphs.py 2>&1 | tee -a "$OUT/tests.log"
 
@@ -46,6 +58,9 @@ for graphs in false true; do
     cp /tmp/gpu_check/out-$graphs/bench.md "$OUT/simulate-graphs-$graphs.md"
 done
 
+fi
+
+if want cpu16; then
 # 16-core CPU: one device per stage = 4 pinned cores each (gloo, as on any CPU cluster).
 CPU16=(device=cpu data=synthetic pipeline.cpu_affinity=true pipeline.threads=4 "bench.stages=[4]")
 echo "== CPU S=4: residual MLP, 16 blocks"
@@ -64,3 +79,23 @@ done
 
 echo "== CPU: optimizer-step contention, 1..16 pinned processes"
 timeout 120 "$PY" benchmarks/optimizer_contention.py --procs 1 2 4 8 16 | tee "$OUT/optimizer-contention.md"
+fi
+
+if want sim; then
+echo "== simulator vs measured, S=2, bench_mlp on the CPU, stages not pinned"
+timeout 300 "$PY" -m sidpipe.cli bench experiment=bench_mlp data=synthetic device=cpu \
+    pipeline.threads=1 "bench.stages=[2]" "bench.microbatches=[1,2,8]" \
+    "bench.schemes=[sid,gpipe,1f1b,interleaved_1f1b,looped_bfs,zbv,seq_sid,seq_bp]" \
+    bench.steps=32 bench.warmup=6 bench.windows=3 bench.out_dir=/tmp/gpu_check/sim-measured \
+    hydra.run.dir=/tmp/gpu_check/run-sim-measured 2>&1 | tail -5
+timeout 180 "$PY" benchmarks/sim_vs_measured.py /tmp/gpu_check/sim-measured/bench.json \
+    --out /tmp/gpu_check/sim-vs-measured --probe-link --wait-quiet 5 2>&1 | tail -25
+cp /tmp/gpu_check/sim-measured/bench.md "$OUT/sim-measured-cpu-s2.md"
+cp /tmp/gpu_check/sim-vs-measured/README.md "$OUT/sim-vs-measured-cpu-s2.md"
+echo "== ResNet-18 on the GPU, SIMULATED S=4/8, partition=auto"
+timeout 240 "$PY" -m sidpipe.cli bench bench.mode=simulate model=resnet18 data=synthetic \
+    device=cuda pipeline.partition=auto "bench.stages=[4,8]" "bench.microbatches=[1,4,8,16]" \
+    bench.batch_size=256 bench.out_dir=/tmp/gpu_check/sim-r18 \
+    hydra.run.dir=/tmp/gpu_check/run-sim-r18 2>&1 | tail -5
+cp /tmp/gpu_check/sim-r18/bench.md "$OUT/simulated-resnet18-gpu.md"
+fi

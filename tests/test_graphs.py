@@ -77,12 +77,17 @@ def test_gpu_check_script_overrides_compose():
         overrides = [("bench." + a) if a.startswith("schemes=") else a for a in overrides]
         with initialize_config_dir(CONF_DIR, version_base=None):
             configs.append(to_config(compose("config", overrides)))
-    gpu, cpu_mlp, cpu_r18 = configs
+    gpu, cpu_mlp, cpu_r18, sim_measured, sim_r18 = configs
     assert gpu.pipeline.cuda_graphs and gpu.bench.mode == "simulate"
     assert gpu.bench.batch_size // gpu.bench.microbatches[0] == 64  # the target's microbatch
     for c in (cpu_mlp, cpu_r18):
         assert c.pipeline.threads * c.bench.stages[0] == 16 and c.pipeline.cpu_affinity
     assert cpu_mlp.model.depth == 16 and cpu_r18.pipeline.partition == "auto"
+    # PARTS=sim: measured at S=2 with stages free to leave gloo a core; ResNet-18 on the GPU
+    assert sim_measured.bench.mode == "throughput" and sim_measured.bench.stages == [2]
+    assert sim_measured.pipeline.threads == 1 and not sim_measured.pipeline.cpu_affinity
+    assert sim_r18.bench.mode == "simulate" and sim_r18.device == "cuda"
+    assert sim_r18.pipeline.partition == "auto" and sim_r18.bench.stages == [4, 8]
 
 
 @pytest.mark.multiprocess

@@ -74,6 +74,14 @@ def assert_run_stopped(r: subprocess.CompletedProcess, reason: str, run_dir: Pat
     assert ps.stdout.strip() == ""
 
 
+def train_in_process(overrides: list[str], run_dir: Path) -> dict:
+    """What `sidpipe train` runs, in this process (single-process runs start no process)."""
+    from sidpipe import drivers
+    from sidpipe.config import compose_config
+
+    return drivers.run(compose_config(overrides), run_dir)
+
+
 def refusal(overrides: list[str], run_dir: Path) -> str:
     """What `sidpipe train` refuses, in this process: the SidpipeError the CLI prints as its one
     line. The conftest guard fails the test if anything started a process first."""

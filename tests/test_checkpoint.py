@@ -10,12 +10,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from sidpipe import drivers
-from sidpipe.config import compose_config
 from sidpipe.errors import SidpipeError
 from sidpipe.runtime import checkpoint
 from sidpipe.runtime.io import load_state
-from tests.conftest import TINY, run_cli
+from tests.conftest import TINY, run_cli, train_in_process
 
 CKPT = ["train.epochs=2", "checkpoint.every_n_steps=10", "checkpoint.keep_last=3"]
 
@@ -101,10 +99,10 @@ def test_single_process_resume_is_exact(method, tmp_path, caplog):
     """In this process: the single-process trainer is what `sidpipe train` runs at S=1."""
     full, cut = tmp_path / "full", tmp_path / "cut"
     base = [*TINY, *CKPT, "pipeline.stages=1", f"method={method}"]
-    drivers.run(compose_config(base), full)
-    drivers.run(compose_config([*base, "train.max_steps=25"]), cut)  # stops after step 25
+    train_in_process(base, full)
+    train_in_process([*base, "train.max_steps=25"], cut)  # stops after step 25
     with caplog.at_level("INFO", logger="sidpipe"):
-        drivers.run(compose_config([*base, "resume=auto"]), cut)
+        train_in_process([*base, "resume=auto"], cut)
     assert "step_00000020 at step 20" in caplog.text  # its newest checkpoint (every 10 steps)
     want, got = load_state(full), load_state(cut)
     for k in want:
@@ -130,7 +128,7 @@ def test_resume_on_another_layout_is_refused(tmp_path):
     # The refusals come from the launcher, before any stage process starts: in this process.
     def refused(overrides: list[str], run_dir: Path) -> str:
         with pytest.raises(SidpipeError) as e:
-            drivers.run(compose_config([*TINY, *overrides]), run_dir)
+            train_in_process([*TINY, *overrides], run_dir)
         return str(e.value)
 
     msg = refused([*CKPT, "pipeline.stages=3", "resume=auto"], tmp_path)

@@ -8,11 +8,10 @@ import json
 import pytest
 import torch
 
-from sidpipe import drivers
-from sidpipe.config import compose_config
 from sidpipe.errors import ConfigError
 from sidpipe.runtime import checkpoint
 from sidpipe.runtime.io import load_state
+from tests.conftest import train_in_process
 
 RUN = ["data=digits", "model=mlp", "model.width=32", "train.batch_size=64", "progress=false",
        "train.epochs=1", "train.max_steps=12", "pipeline.stages=1"]  # fmt: skip
@@ -20,7 +19,7 @@ CKPT = ["checkpoint.every_n_steps=4", "checkpoint.keep_last=5"]
 
 
 def train(tmp, *overrides):
-    return drivers.run(compose_config([*RUN, *overrides]), tmp)
+    return train_in_process([*RUN, *overrides], tmp)
 
 
 def test_a_fresh_run_refuses_a_used_directory(tmp_path):

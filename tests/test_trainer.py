@@ -10,17 +10,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from sidpipe import drivers
-from sidpipe.config import Config, DataConfig, ModelConfig, SIDConfig, Variant, compose_config
+from sidpipe.config import Config, DataConfig, ModelConfig, SIDConfig, Variant
 from sidpipe.data import load_data
 from sidpipe.method.step import BlockwiseSID, SharedSID
 from sidpipe.models import build_model
 from sidpipe.models.shared import SharedSIDNet
 from tests.conftest import read_summary
-
-
-def train(overrides: list[str], run_dir) -> dict:
-    return drivers.run(compose_config(overrides), run_dir)
+from tests.conftest import train_in_process as train
 
 
 def _batch(n=16, seed=0):

@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import torch
 
-from sidpipe import drivers
 from sidpipe.bench.accuracy.plan import Run
 from sidpipe.bench.accuracy.run import execute
-from sidpipe.config import compose_config
 from sidpipe.runtime.io import load_state
+from tests.conftest import train_in_process
 
 # 640 digits in batches of 64: 10 steps an epoch, so the epoch-end checkpoints are at 10, 20
 BASE = ["data=digits", "data.subset=640", "model=mlp", "model.width=32", "model.depth=4",
@@ -24,8 +23,8 @@ def test_an_interrupted_run_continues_from_its_last_epoch(tmp_path, caplog):
     # A died attempt: it trained into the second epoch (checkpoint at step 10, as execute
     # asks) and was cut off at step 15, before summary.json.
     cut = tmp_path / "cut"
-    drivers.run(compose_config([*BASE, "train.max_steps=15", "checkpoint.every_n_steps=10",
-                                "resume=auto"]), cut)  # fmt: skip
+    train_in_process([*BASE, "train.max_steps=15", "checkpoint.every_n_steps=10", "resume=auto"],
+                     cut)  # fmt: skip
     (cut / "summary.json").unlink()
     with caplog.at_level("INFO", logger="sidpipe"):
         summary = execute(run, cut)

@@ -116,6 +116,40 @@ def test_blockwise_greedy_width_flatness_and_anchors() -> None:
     ]  # fmt: skip
 
 
+def test_sign_test_is_the_exact_binomial_tail() -> None:
+    assert stats.sign_test(3, 3) == pytest.approx(0.25)  # 2 * (1/2)^3
+    assert stats.sign_test(0, 3) == pytest.approx(0.25)
+    assert stats.sign_test(9, 10) == pytest.approx(2 * 11 / 1024)
+    assert stats.sign_test(5, 10) == 1.0 and stats.sign_test(0, 0) == 1.0
+
+
+def test_consistency_term_pooled_over_cells() -> None:
+    """Per cell, three seeds leave a 1-point SID − greedy edge 'level with' the spread; pooled
+    over the four (model, blocks) cells its 12 pairs are all positive."""
+    rows = []
+    for model in ("resnet18", "vgg11"):
+        cifar = {"dataset": "cifar10", "model": model, "width": 8}
+        rows += [row("bp", s, 0.60, **cifar) for s in range(3)]
+        for blocks in (4, 8):
+            for s, gain in enumerate((0.001, 0.025, 0.004)):
+                rows.append(row("greedy", s, 0.50 - 0.01 * s, **cifar, blocks=blocks))
+                rows.append(row("sid", s, 0.50 - 0.01 * s + gain, **cifar, blocks=blocks))
+    rows.append(row("sid", 0, 0.4, dataset="cifar10", model="vgg11", width=8, blocks=2))
+    _, findings, _ = stats.blockwise_stats(rows)
+    per_cell = [f for f in findings if f.startswith("Consistency term (")]
+    assert len(per_cell) == 2 and all("+1.00 at 4 blocks (level with)" in f for f in per_cell)
+    pooled = [f for f in findings if f.startswith("Consistency term pooled")]
+    assert len(pooled) == 1
+    # the mean is +1.00; the standard error is the pairs' std (1.12 points) / sqrt(12)
+    assert "all (4 cells, 12 pairs) +1.00 ± 0.32," in pooled[0]
+    assert "SID ahead in 12, behind in 0, sign test p = 0.00049" in pooled[0]
+    assert "4 blocks (2 cells, 6 pairs) +1.00 ± 0.48," in pooled[0]
+    assert "2 blocks" not in pooled[0]  # no greedy at 2 blocks: not a pair
+    # one cell only: nothing to pool, the per-cell line says it all
+    one = [r for r in rows if r["model"] == "vgg11" and r.get("blocks") in (None, 4)]
+    assert not [f for f in stats.blockwise_stats(one)[1] if "pooled" in f]
+
+
 def test_noise_drop_from_clean() -> None:
     rows = []
     for s in (0, 1):

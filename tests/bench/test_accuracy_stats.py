@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 from sidpipe.bench.accuracy import stats
-from sidpipe.bench.accuracy.run import merge
+from sidpipe.bench.accuracy.run import merge, merged_invocations
 
 
 def row(method: str, seed: int, acc: float, **kw) -> dict:
@@ -185,3 +185,17 @@ def test_merge_keeps_other_configurations_and_drops_superseded(tmp_path) -> None
     merged = merge(old, new, tmp_path)
     assert [r["name"] for r in merged] == ["b4-e10", "b2-e5"]  # b4 at 5 epochs: superseded
     assert merged[1]["reason"] == "from an earlier invocation"
+
+
+def test_a_reused_run_keeps_the_invocation_that_trained_it(tmp_path) -> None:
+    (tmp_path / "b4").mkdir()
+    (tmp_path / "b4" / "summary.json").write_text("{}")
+    trained = {**row("sid", 0, 0.9, blocks=4), "name": "b4", "group": "b4", "run_dir": "b4"}
+    old = {"rows": [{**trained, "invocation": "monday"}], "invocations": {"monday": {}}}
+    again = [{**trained, "status": "reused", "invocation": "tuesday"},  # found finished
+             {**row("sid", 1, 0.9, blocks=4), "name": "b4-s1", "group": "b4",
+              "run_dir": "b4-s1", "invocation": "tuesday"}]  # fmt: skip
+    merged = merge(old, again, tmp_path)
+    assert [(r["name"], r["invocation"]) for r in merged] == [("b4", "monday"),
+                                                             ("b4-s1", "tuesday")]  # fmt: skip
+    assert set(merged_invocations(old, merged, {"id": "tuesday"})) == {"monday", "tuesday"}

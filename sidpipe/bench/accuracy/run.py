@@ -146,9 +146,17 @@ def merge(old: dict[str, Any] | None, new: list[Row], out: Path) -> list[Row]:
     """This invocation's rows plus the finished rows of earlier invocations that it does not
     supersede: another configuration (e.g. other models), or more seeds of the very same
     settings (same group). An earlier row of the same configuration with other settings
-    (epochs, subset, overrides) is dropped: the newest invocation wins."""
+    (epochs, subset, overrides) is dropped: the newest invocation wins. A run this
+    invocation reused keeps the earlier invocation that trained it."""
     if not old:
         return new
+    # The invocation that trained a run is its provenance (command, date, machine): reporting
+    # a finished study again must not restamp every run with today's date.
+    trained = {(r["name"], r.get("run_dir")): r.get("invocation") for r in old["rows"]
+               if r.get("status") in ("ran", "reused")}  # fmt: skip
+    for r in new:
+        if r.get("status") == "reused" and trained.get((r["name"], r["run_dir"])):
+            r["invocation"] = trained[(r["name"], r["run_dir"])]
     names = {r["name"] for r in new}
     ids = {identity(r) for r in new}
     groups = {r["group"] for r in new}

@@ -106,6 +106,14 @@ def test_blockwise_greedy_width_flatness_and_anchors() -> None:
     rows[0]["val_curve"] = rows[1]["val_curve"] = rising
     _, findings, _ = stats.blockwise_stats(rows)
     assert any("+10.00 points" in f and "NOT flat" in f for f in findings)
+    # an lr annealed to 0 flattens any run's end: a flat verdict then says it proves little
+    for r in rows[:2]:
+        r.update(val_curve=flat, schedule="cosine")
+    caveat = "only a run with more epochs shows whether it converged"
+    assert any("(flat; but its lr decays to 0 (cosine)" in f and caveat in f
+               for f in stats.blockwise_stats(rows)[1])  # fmt: skip
+    rows[0]["val_curve"] = rows[1]["val_curve"] = rising
+    assert not any(caveat in f for f in stats.blockwise_stats(rows)[1])
 
     header, anchors = stats.anchor_table(rows)
     assert header[3:] == ["SID − BP (this study)", "greedy (α=1) − BP (this study)",

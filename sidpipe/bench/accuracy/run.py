@@ -76,6 +76,7 @@ def extract(summary: dict[str, Any]) -> dict[str, Any]:
         "curve": [e["test_per_depth"][-1] for e in evals],
         "val_curve": [e["val_per_depth"][-1] for e in evals if e.get("val_per_depth")],
         "width": ((summary.get("config") or {}).get("model") or {}).get("width"),
+        "schedule": ((summary.get("config") or {}).get("optim") or {}).get("schedule"),
     }
 
 

@@ -182,9 +182,14 @@ def blockwise_stats(
         if flat:
             gain, n = flat
             verdict_ = "flat" if abs(gain) < FLAT_POINTS else "NOT flat: more epochs would move it"
+            if verdict_ == "flat" and any(r.get("schedule") == "cosine" for r in bp):
+                verdict_ += (  # the rule cannot tell converged from annealed
+                    "; but its lr decays to 0 (cosine), which flattens the end of any run: "
+                    "only a run with more epochs shows whether it converged"
+                )
             findings.append(
                 f"BP {model} on {data}: validation accuracy changed {gain:+.2f} points over the "
-                f"last quarter of its {n} epochs ({verdict_}, threshold {FLAT_POINTS:g} point)."
+                f"last quarter of its {n} epochs ({verdict_}; threshold {FLAT_POINTS:g} point)."
             )
         for method, name in LOCAL_METHODS.items():
             by_blocks = by([r for r in grp if r["method"] == method], "blocks")

@@ -9,21 +9,24 @@
 #   resnet18, vgg11   the study: every method, K and seed, at lr 1e-3
 #   bp-epochs         are EPOCHS enough? ResNet-18 BP at twice the epochs
 #   lr                is one lr fair? VGG-11 at K = 4, 8 and BP with each of LRS
+#   cost              training seconds per epoch of each kind of run, one run at a time
+#                     (run it on a quiet machine: the study's own s/epoch shares it)
 set -euo pipefail
 DATA=${DATA:-../shared/data}
 OUT=${OUT:-benchmarks/results/cifar10-convnets-50-epochs-2026-12-01}
 EPOCHS=${EPOCHS:-50}
 JOBS=${JOBS:-2}
 THREADS=${THREADS:-1}
-PARTS=${PARTS:-resnet18 vgg11 bp-epochs lr}
+PARTS=${PARTS:-resnet18 vgg11 bp-epochs lr cost}
 LRS=${LRS:-3e-4 3e-3}
 WIDTH_RESNET=${WIDTH_RESNET:-8}
 WIDTH_VGG=${WIDTH_VGG:-8}
 
 for part in $PARTS; do  # a typo must not surface after hours of training
   case $part in
-    resnet18 | vgg11 | bp-epochs | lr) ;;
-    *) echo "cifar10_convnets.sh: unknown part '$part' in PARTS (resnet18 vgg11 bp-epochs lr)" >&2
+    resnet18 | vgg11 | bp-epochs | lr | cost) ;;
+    *) echo "cifar10_convnets.sh: unknown part '$part' in PARTS (resnet18 vgg11 bp-epochs lr" \
+         "cost)" >&2
        exit 2 ;;
   esac
 done
@@ -50,5 +53,12 @@ for part in $PARTS; do
           study "$lr" "study.out=$OUT/lr-$lr" "study.blocks=[4,8]" "study.models=[vgg11]" \
             "model.width=$WIDTH_VGG"
         done ;;
+    # two epochs (58 batches) of seed 0 of each kind, evaluation off
+    cost) for model in resnet18 vgg11; do
+            width=$WIDTH_RESNET
+            if [[ $model == vgg11 ]]; then width=$WIDTH_VGG; fi
+            study 1e-3 "study.out=$OUT/cost/$model" "study.models=[$model]" "model.width=$width" \
+              "study.seeds=[0]" study.jobs=1 study.estimate=true study.estimate_steps=58
+          done ;;
   esac
 done

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import json
+
 import torch
 
 from sidpipe.bench.accuracy.plan import Run
-from sidpipe.bench.accuracy.run import execute
+from sidpipe.bench.accuracy.run import execute, measure
 from sidpipe.runtime.io import load_state
 from tests.conftest import train_in_process
 
@@ -32,3 +34,21 @@ def test_an_interrupted_run_continues_from_its_last_epoch(tmp_path, caplog):
     want, got = load_state(whole), load_state(cut)
     assert set(want) == set(got) and all(torch.equal(want[k], got[k]) for k in want)
     assert summary["steps"] == 30 and not (cut / "checkpoints").exists()
+
+
+def test_the_estimate_measures_every_kind_afresh_after_a_warm_up(tmp_path):
+    """Each kind of run is timed in a clean folder (a finished probe left by an earlier
+    estimate would otherwise be reused and report the old time), after an uncounted warm-up
+    that takes the process's one-time costs."""
+    kinds = [Run("blockwise", f"digits-mlp-b{b}-sid-s0", {"dataset": "digits", "model": "mlp",
+                                                          "blocks": b, "method": "sid"},
+                 [*BASE, f"model.blocks={b}"]) for b in (2, 4)]  # fmt: skip
+    stale = tmp_path / "estimate" / kinds[0].name
+    stale.mkdir(parents=True)
+    (stale / "summary.json").write_text('{"samples_per_s": -1.0}')
+    rate, n_train = measure({"blockwise": kinds}, tmp_path, steps=3)
+    assert sorted(k[2] for k in rate) == [2, 4] and all(v > 0 for v in rate.values())
+    assert set(n_train.values()) == {640}
+    for name in ("warm-up", *(k.name for k in kinds)):
+        summary = json.loads((tmp_path / "estimate" / name / "summary.json").read_text())
+        assert summary["steps"] == 3

@@ -359,7 +359,7 @@ def estimate_markdown(
             cost = sum(r.epochs for r in rs) * epoch_s
             total += cost
             body.append(
-                [study, kind, len(rs), f"{rate[key]:.0f}", f"{epoch_s:.0f}", f"{cost / 3600:.2f}"]
+                [study, kind, len(rs), f"{rate[key]:.0f}", f"{epoch_s:.1f}", f"{cost / 3600:.2f}"]
             )
         body.append([f"**{study}**", "**total**", len(runs), "", "", f"**{total / 3600:.2f}**"])
         grand += total

@@ -18,7 +18,7 @@ EPOCHS=${EPOCHS:-50}
 JOBS=${JOBS:-2}
 THREADS=${THREADS:-1}
 PARTS=${PARTS:-resnet18 vgg11 bp-epochs lr cost}
-LRS=${LRS:-3e-4 3e-3}
+LRS=${LRS:-3e-4 3e-3 1e-2}
 WIDTH_RESNET=${WIDTH_RESNET:-8}
 WIDTH_VGG=${WIDTH_VGG:-8}
 

@@ -17,6 +17,8 @@ import sys
 from collections import defaultdict
 from pathlib import Path
 
+from sidpipe.bench.accuracy.stats import pct, table
+
 
 def cells(studies: dict[str, Path]) -> dict[tuple, dict[str, dict[int, tuple[float, float]]]]:
     """(model, method, blocks) -> lr -> seed -> (best validation, val-selected test)."""
@@ -34,7 +36,7 @@ def cells(studies: dict[str, Path]) -> dict[tuple, dict[str, dict[int, tuple[flo
     return out
 
 
-def table(studies: dict[str, Path]) -> str:
+def selection_table(studies: dict[str, Path]) -> str:
     data = cells(studies)
     lrs = list(studies)
     # only cells measured at every lr take part: the choice must see the same options
@@ -45,7 +47,7 @@ def table(studies: dict[str, Path]) -> str:
     }
     head = ["model", "method", "K", *[f"lr {lr}: val / test" for lr in lrs], "chosen lr",
             "test at chosen lr", "− BP at BP's chosen lr"]  # fmt: skip
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    body = []
     for key in sorted(full, key=lambda k: (k[0], k[1] != "bp", k[1], k[2] or 0)):
         model, method, blocks = key
         per_lr = []
@@ -55,19 +57,14 @@ def table(studies: dict[str, Path]) -> str:
             test = 100 * statistics.fmean(t for _, t in runs)
             per_lr.append(f"{val:.1f} / {test:.1f}")
         mine = full[key][chosen[key]]
-        test = [100 * t for _, t in mine.values()]
         gap = "–"
         bp_key = (model, "bp", None)
         if method != "bp" and bp_key in full:
             bp = full[bp_key][chosen[bp_key]]
-            diffs = [100 * (mine[s][1] - bp[s][1]) for s in mine if s in bp]
-            sd = statistics.stdev(diffs) if len(diffs) > 1 else 0.0
-            gap = f"{statistics.fmean(diffs):+.2f} ± {sd:.2f}"
-        sd = statistics.stdev(test) if len(test) > 1 else 0.0
-        cols = [model, method, blocks or "–", *per_lr, chosen[key],
-                f"{statistics.fmean(test):.2f} ± {sd:.2f}", gap]  # fmt: skip
-        lines.append("| " + " | ".join(str(c) for c in cols) + " |")
-    return "\n".join(lines)
+            gap = pct([mine[s][1] - bp[s][1] for s in mine if s in bp], signed=True)
+        body.append([model, method, blocks or "–", *per_lr, chosen[key],
+                     pct([t for _, t in mine.values()]), gap])  # fmt: skip
+    return table(head, body)
 
 
 def main(argv: list[str]) -> int:
@@ -79,7 +76,7 @@ def main(argv: list[str]) -> int:
         if not (folder / "blockwise.json").is_file():
             print(f"lr_selection: error: no blockwise.json in {folder} (lr {lr})", file=sys.stderr)
             return 2
-    print(table(studies))
+    print(selection_table(studies))
     return 0
 
 

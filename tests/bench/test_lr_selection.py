@@ -32,7 +32,7 @@ def test_the_lr_is_chosen_on_validation_and_each_side_uses_its_own(tmp_path) -> 
     # at the high lr BP's validation is worse but its test better: it must not be chosen
     high = study(tmp_path / "high", {("bp", None): (0.55, 0.62), ("sid", 4): (0.52, 0.45),
                                      ("sid", 8): (0.9, 0.9)})  # fmt: skip
-    lines = lr_selection.table({"1e-4": low, "1e-3": high}).splitlines()
+    lines = lr_selection.selection_table({"1e-4": low, "1e-3": high}).splitlines()
     assert len(lines) == 4  # header, rule, BP, SID 4 (SID 8 lacks the low lr: left out)
     assert lines[2] == "| vgg11 | bp | – | 60.5 / 58.5 | 55.5 / 62.5 | 1e-4 | 58.50 ± 0.71 | – |"
     # SID chooses 1e-3 (validation 52.5 > 50.5), BP 1e-4: 45.5 - 58.5 per seed

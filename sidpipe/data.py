@@ -25,6 +25,7 @@ Order of operations on the training set: subset (first N) -> stratified validati
 from __future__ import annotations
 
 import gzip
+import importlib.util
 import logging
 import math
 import os
@@ -181,18 +182,60 @@ def _load_synthetic() -> tuple[Split, Split, tuple[float, ...], tuple[float, ...
 
 
 def _load_digits() -> tuple[Split, Split, tuple[float, ...], tuple[float, ...]]:
-    from sklearn.datasets import load_digits
-    from sklearn.model_selection import train_test_split
-
-    d = load_digits()
+    # Read the file scikit-learn ships (one row per image: 64 pixels 0..16, then the label)
+    # instead of calling sklearn.datasets.load_digits: importing sklearn costs ~1 s of CPU in
+    # every process that loads data, and every pipeline rank does, which was most of a small
+    # run's start-up. find_spec locates the package without importing it.
+    spec = importlib.util.find_spec("sklearn")
+    if spec is None or not spec.submodule_search_locations:
+        raise DataError("data=digits reads scikit-learn's bundled digits: pip install scikit-learn")
+    path = Path(spec.submodule_search_locations[0]) / "datasets" / "data" / "digits.csv.gz"
+    if not path.is_file():
+        raise DataError(f"data=digits: {path} not found (scikit-learn without its datasets?)")
+    rows = np.loadtxt(path, delimiter=",")
     # Pixels are 0..16; scale to uint8 0..255 so every dataset shares one normalisation path.
-    x = np.rint(d.images * (255.0 / 16.0)).astype(np.uint8)[:, None]
-    y = d.target.astype(np.int64)
-    tr, te = train_test_split(np.arange(len(y)), test_size=0.2, stratify=y, random_state=0)
-    tr, te = np.sort(tr), np.sort(te)  # keep the file order: "first N" stays meaningful
+    x = np.rint(rows[:, :-1].reshape(-1, 1, 8, 8) * (255.0 / 16.0)).astype(np.uint8)
+    y = rows[:, -1].astype(np.int64)
+    tr, te = _stratified_split(y, n_test=math.ceil(0.2 * len(y)), seed=0)
     xf = x[tr].astype(np.float64) / 255.0
     mean, std = (round(float(xf.mean()), 4),), (round(float(xf.std()), 4),)
     return _split(x[tr], y[tr]), _split(x[te], y[te]), mean, std
+
+
+def _stratified_split(y: np.ndarray, n_test: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Sorted (train, test) indices of a stratified shuffle split, drawn exactly as
+    scikit-learn's train_test_split(stratify=y, random_state=seed) draws them (the digits
+    split predates this function; a test holds the two equal): each class's train and test
+    counts are its share of the totals rounded down, the remainders going to the largest
+    fractional parts (ties broken at random), then each class is permuted and cut."""
+    rng = np.random.RandomState(seed)
+    _, inverse, counts = np.unique(y, return_inverse=True, return_counts=True)
+    members = np.split(np.argsort(inverse, kind="stable"), np.cumsum(counts)[:-1])
+    n_train = _apportion(counts, len(y) - n_test, rng)
+    n_tests = _apportion(counts - n_train, n_test, rng)
+    train: list[int] = []
+    test: list[int] = []
+    for idx, a, b in zip(members, n_train, n_tests):
+        shuffled = idx.take(rng.permutation(len(idx)))
+        train.extend(shuffled[:a])
+        test.extend(shuffled[a : a + b])
+    return np.sort(np.array(train)), np.sort(np.array(test))
+
+
+def _apportion(counts: np.ndarray, n: int, rng: np.random.RandomState) -> np.ndarray:
+    """n draws shared among classes in proportion to counts (largest-remainder rounding)."""
+    share = counts / counts.sum() * n
+    out = np.floor(share)
+    left = int(n - out.sum())
+    remainder = share - out
+    for value in np.unique(remainder)[::-1]:  # the largest remainders first
+        if left == 0:
+            break
+        (tied,) = np.where(remainder == value)
+        take = min(len(tied), left)
+        out[rng.choice(tied, size=take, replace=False)] += 1
+        left -= take
+    return out.astype(int)
 
 
 def _check_labels(y: np.ndarray, num_classes: int, where: str) -> None:

@@ -91,6 +91,39 @@ def test_digits_shapes_and_fixed_split(digits: DataBundle) -> None:
     assert abs(x.mean().item()) < 1e-3 and abs(x.std().item() - 1) < 1e-3
 
 
+def test_digits_are_sklearns_images_and_split(digits: DataBundle) -> None:
+    """data=digits reads sklearn's file itself (no sklearn import) and splits it itself: the
+    result must be exactly load_digits() + train_test_split(stratify, random_state=0)."""
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+
+    d = load_digits()
+    x = np.rint(d.images * (255.0 / 16.0)).astype(np.uint8)[:, None]
+    tr, te = train_test_split(np.arange(len(d.target)), test_size=0.2, stratify=d.target,
+                              random_state=0)  # fmt: skip
+    tr, te = np.sort(tr), np.sort(te)
+    assert torch.equal(digits.train.x, torch.from_numpy(x[tr]))
+    assert torch.equal(digits.test.x, torch.from_numpy(x[te]))
+    assert torch.equal(digits.train.y, torch.from_numpy(d.target[tr]).long())
+    assert torch.equal(digits.test.y, torch.from_numpy(d.target[te]).long())
+
+
+@pytest.mark.parametrize("seed", [0, 1, 7])
+@pytest.mark.parametrize("counts", [[5, 5, 5], [2, 9, 3, 3, 7], [40, 3, 17, 17, 17]])
+def test_stratified_split_draws_as_sklearn(seed: int, counts: list[int]) -> None:
+    """Ties in the rounding (equal class sizes) use the random stream: those cases too."""
+    from sklearn.model_selection import train_test_split
+
+    from sidpipe.data import _stratified_split
+
+    y = np.random.RandomState(seed + 100).permutation(np.repeat(np.arange(len(counts)), counts))
+    for n_test in (len(counts), len(y) // 3, len(y) - len(counts)):
+        tr, te = train_test_split(np.arange(len(y)), test_size=n_test, stratify=y,
+                                  random_state=seed)  # fmt: skip
+        ours = _stratified_split(y, n_test=n_test, seed=seed)
+        assert [a.tolist() for a in ours] == [np.sort(tr).tolist(), np.sort(te).tolist()]
+
+
 def test_synthetic_needs_no_files_and_is_fixed(tmp_path: Path) -> None:
     syn = load_data(Cfg("synthetic", root=str(tmp_path / "empty")), seed=0)
     assert (len(syn.train), len(syn.test)) == (10_000, 2_000)

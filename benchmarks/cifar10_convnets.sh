@@ -8,6 +8,7 @@
 # PARTS picks what to run (default: all, in this order):
 #   resnet18, vgg11   the study: every method, K and seed, at lr 1e-3
 #   bp-epochs         are EPOCHS enough? ResNet-18 BP at twice the epochs
+#   vgg11-epochs      does any method still gain? VGG-11, every method, at twice the epochs
 #   lr                is one lr fair? VGG-11 at K = 4, 8 and BP with each of LRS
 #   cost              training seconds per epoch of each kind of run, one run at a time
 #                     (run it on a quiet machine: the study's own s/epoch shares it)
@@ -24,9 +25,9 @@ WIDTH_VGG=${WIDTH_VGG:-8}
 
 for part in $PARTS; do  # a typo must not surface after hours of training
   case $part in
-    resnet18 | vgg11 | bp-epochs | lr | cost) ;;
-    *) echo "cifar10_convnets.sh: unknown part '$part' in PARTS (resnet18 vgg11 bp-epochs lr" \
-         "cost)" >&2
+    resnet18 | vgg11 | bp-epochs | vgg11-epochs | lr | cost) ;;
+    *) echo "cifar10_convnets.sh: unknown part '$part' in PARTS (resnet18 vgg11 bp-epochs" \
+         "vgg11-epochs lr cost)" >&2
        exit 2 ;;
   esac
 done
@@ -48,6 +49,10 @@ for part in $PARTS; do
     # its own folder: the study keeps one epoch count per configuration
     bp-epochs) study 1e-3 "study.epochs=$((2 * EPOCHS))" "study.out=$OUT/bp-$((2 * EPOCHS))-epochs" \
       "study.blocks=[]" "study.models=[resnet18]" "model.width=$WIDTH_RESNET" ;;
+    # local modules may need more epochs than BP: the whole VGG-11 grid (its runs are the
+    # cheapest) at twice the epochs says whether the gaps still move
+    vgg11-epochs) study 1e-3 "study.epochs=$((2 * EPOCHS))" \
+      "study.out=$OUT/vgg11-$((2 * EPOCHS))-epochs" "study.models=[vgg11]" "model.width=$WIDTH_VGG" ;;
     # VGG-11 (its runs are the cheapest), the K where the gaps are large; select on validation
     lr) for lr in $LRS; do
           study "$lr" "study.out=$OUT/lr-$lr" "study.blocks=[4,8]" "study.models=[vgg11]" \

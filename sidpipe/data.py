@@ -203,7 +203,8 @@ def _load_digits() -> tuple[Split, Split, tuple[float, ...], tuple[float, ...]]:
 
 
 def _stratified_split(y: np.ndarray, n_test: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """Sorted (train, test) indices of a stratified shuffle split, drawn exactly as
+    """(train, test) indices of a stratified shuffle split, sorted so that each part keeps the
+    file's order ("first N" of a subset stays meaningful), drawn exactly as
     scikit-learn's train_test_split(stratify=y, random_state=seed) draws them (the digits
     split predates this function; a test holds the two equal): each class's train and test
     counts are its share of the totals rounded down, the remainders going to the largest

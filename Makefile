@@ -22,14 +22,9 @@ lint: $(STAMP)
 	$(BIN)/ruff check sidpipe tests benchmarks
 	$(BIN)/lint-imports
 
-# Both tiers: the in-process one and the real multi-process one (pipelines, torchrun, CLI),
-# in PYTEST_WORKERS pytest-xdist workers. One file per worker at a time (loadfile): a module's
-# fixtures (the bench and study runs) are built once. Two workers on two cores: a multi-process
-# test spends much of its wall time starting interpreters and waiting on its peers, so one
-# worker leaves a core idle (user time was 1.2 cores' worth of the sequential suite's wall).
-PYTEST_WORKERS ?= 2
+# Both tiers: the in-process one and the real multi-process one (pipelines, torchrun, CLI).
 test: $(STAMP) lint
-	$(BIN)/python -m pytest -q -n $(PYTEST_WORKERS) --dist loadfile $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
 
 # The in-process tier only: config checks, runner logic, codec, cadence (a few minutes).
 test-fast: $(STAMP)

@@ -33,6 +33,11 @@ def planned(tmp_path: Path, **env: str) -> subprocess.CompletedProcess:
                           env={**os.environ, "PATH": path, **env}, timeout=300)  # fmt: skip
 
 
+def run_names(r: subprocess.CompletedProcess) -> set[str]:
+    """The runs a plan lists, one `name: ...` line each."""
+    return {line.split(":")[0] for line in r.stdout.splitlines() if line.startswith("cifar10-")}
+
+
 def committed(folder: Path) -> set[str]:
     return {r["name"] for r in json.loads((folder / "blockwise.json").read_text())["rows"]}
 
@@ -41,11 +46,10 @@ def committed(folder: Path) -> set[str]:
 def test_the_script_plans_exactly_the_committed_runs(tmp_path) -> None:
     r = planned(tmp_path)
     assert r.returncode == 0, r.stderr[-2000:]
-    names = {line.split(":")[0] for line in r.stdout.splitlines() if line.startswith("cifar10-")}
     lrs = [RESULTS / f"lr-{lr}" for lr in ("3e-4", "3e-3", "1e-2")]
     expected = set().union(*(committed(f) for f in [RESULTS, RESULTS / "bp-100-epochs", *lrs]))
     assert len(expected) == 42 + 3 + 3 * 15  # 2 models x 7 cells x 3 seeds; BP x 3; 3 lrs
-    assert names == expected
+    assert run_names(r) == expected
 
 
 @pytest.mark.multiprocess
@@ -54,11 +58,10 @@ def test_the_100_epoch_command_plans_exactly_its_committed_runs(tmp_path) -> Non
     r = planned(tmp_path, EPOCHS="100", OUT=str(RESULTS_100.relative_to(REPO)),
                 PARTS="resnet18 vgg11 bp-epochs vgg11-epochs")  # fmt: skip
     assert r.returncode == 0, r.stderr[-2000:]
-    names = {line.split(":")[0] for line in r.stdout.splitlines() if line.startswith("cifar10-")}
     checks = [RESULTS_100 / "bp-200-epochs", RESULTS_100 / "vgg11-200-epochs"]
     expected = set().union(*(committed(f) for f in [RESULTS_100, *checks]))
     assert len(expected) == 42 + 3 + 21  # 2 models x 7 cells x 3 seeds; BP x 3; VGG-11 x 21
-    assert names == expected
+    assert run_names(r) == expected
 
 
 @pytest.mark.multiprocess

@@ -19,9 +19,11 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 LAUNCH = ROOT / "launch"
-SCRIPTS = ["torchrun_single_node.sh", "torchrun_multi_node.sh", "slurm.sbatch"]
+SCRIPTS = ["torchrun_single_node.sh", "torchrun_multi_node.sh", "slurm.sbatch", "local_slurm.sh"]
 # every shell script of the repo, for the syntax and shellcheck tests
-CHECKED = [LAUNCH / n for n in SCRIPTS] + [ROOT / "benchmarks" / "gpu_check.sh"]
+CHECKED = [LAUNCH / n for n in SCRIPTS] + [ROOT / "benchmarks" / "gpu_check.sh",
+                                           ROOT / ".ci" / "run"]  # fmt: skip
+TORCHRUNS = ("torchrun", "sidpipe-torchrun")  # the default: sidpipe-torchrun where installed
 OVERRIDES = ["model=simplecnn", "data=mnist", "train.epochs=2", "data.root=/data/x"]
 
 
@@ -103,9 +105,23 @@ def test_executable(path):
 @pytest.mark.multiprocess
 def test_single_node_dry_run():
     cmd = dry_run("torchrun_single_node.sh", {"NPROC": "3", "RUN_DIR": "runs/a"}, *OVERRIDES)
-    assert cmd[0] == "torchrun" and "--standalone" in cmd
+    assert Path(cmd[0]).name in TORCHRUNS and "--standalone" in cmd
     assert opt(cmd, "--nproc-per-node") == "3"
+    assert opt(cmd, "--max-restarts") == "0"
+    assert "SIGUSR1" in opt(cmd, "--signals-to-handle").split(",")  # preemption reaches stages
     assert hydra_args(cmd) == ["pipeline.stages=3", "hydra.run.dir=runs/a", *OVERRIDES]
+
+
+@pytest.mark.multiprocess
+@pytest.mark.parametrize("script", ["torchrun_single_node.sh", "torchrun_multi_node.sh",
+                                    "slurm.sbatch"])  # fmt: skip
+def test_max_restarts_is_passed_to_torchrun(script, fake_scontrol):
+    env = {**MULTI, **SLURM, "PATH": fake_scontrol}
+    cmd = dry_run(script, env, "pipeline.max_restarts=3")
+    assert opt(cmd, "--max-restarts") == "3"
+    assert hydra_args(cmd)[-1] == "pipeline.max_restarts=3"  # the stages know it too
+    proc = run_script(script, {"DRY_RUN": "1", **env}, "pipeline.max_restarts=x")
+    assert proc.returncode == 2 and "pipeline.max_restarts=x" in proc.stderr
 
 
 @pytest.mark.multiprocess
@@ -151,7 +167,8 @@ MULTI = {
 @pytest.mark.multiprocess
 def test_multi_node_dry_run():
     cmd = dry_run("torchrun_multi_node.sh", {**MULTI, "RDZV_ID": "job7"}, *OVERRIDES)
-    assert cmd[0] == "torchrun" and "--standalone" not in cmd and "--node-rank" not in cmd
+    assert Path(cmd[0]).name in TORCHRUNS
+    assert "--standalone" not in cmd and "--node-rank" not in cmd
     assert opt(cmd, "--nnodes") == "2"
     assert opt(cmd, "--nproc-per-node") == "4"
     assert opt(cmd, "--rdzv-backend") == "c10d"
@@ -207,15 +224,16 @@ def test_slurm_dry_run(fake_scontrol):
     assert cmd[0] == "srun"
     assert opt(cmd, "--ntasks-per-node") == "1"
     assert opt(cmd, "--cpus-per-task") == "16"
-    torchrun = cmd[cmd.index("torchrun") :]
+    torchrun = cmd[next(i for i, c in enumerate(cmd) if Path(c).name in TORCHRUNS) :]
     assert opt(torchrun, "--nnodes") == "2"
     assert opt(torchrun, "--nproc-per-node") == "4"
     assert opt(torchrun, "--rdzv-backend") == "c10d"
-    assert opt(torchrun, "--rdzv-endpoint") == "gpu07:29500"
+    assert opt(torchrun, "--rdzv-endpoint") == "gpu07:24242"  # 20000 + job id % 20000
     assert opt(torchrun, "--rdzv-id") == "4242"
     assert hydra_args(cmd) == [
         "pipeline.stages=8",
         "hydra.run.dir=/shared/sidpipe/outputs/slurm-4242",
+        "resume=auto",  # a requeued job continues its run
         *OVERRIDES,
     ]
 
@@ -229,15 +247,16 @@ def test_slurm_overrides_from_env(fake_scontrol):
         "RDZV_PORT": "31000",
         "RUN_DIR": "/s/x",
     }
-    cmd = dry_run("slurm.sbatch", env)
+    cmd = dry_run("slurm.sbatch", env, "resume=/s/old")
     assert opt(cmd, "--rdzv-endpoint") == "gpu07:31000"
-    assert hydra_args(cmd) == ["pipeline.stages=4", "hydra.run.dir=/s/x"]
+    assert hydra_args(cmd) == ["pipeline.stages=4", "hydra.run.dir=/s/x", "resume=/s/old"]
 
 
 def test_slurm_sbatch_header():
     text = (LAUNCH / "slurm.sbatch").read_text()
     directives = [line.split()[1] for line in text.splitlines() if line.startswith("#SBATCH")]
-    for key in ("--nodes", "--ntasks-per-node=1", "--gpus-per-node", "--cpus-per-task", "--time"):
+    for key in ("--nodes", "--ntasks-per-node=1", "--gpus-per-node", "--cpus-per-task", "--time",
+                "--requeue", "--signal=B:USR1@", "--open-mode=append"):
         assert any(d.startswith(key) for d in directives), (key, directives)
     # sbatch stops reading directives at the first command
     first_cmd = next(

@@ -12,6 +12,13 @@
 #   lr                is one lr fair? VGG-11 at K = 4, 8 and BP with each of LRS
 #   cost              training seconds per epoch of each kind of run, one run at a time
 #                     (run it on a quiet machine: the study's own s/epoch shares it)
+#   heads             issue #27: SID and greedy each with the pool head and with HEAD (the
+#                     new head), BP, both models, K = 2/4/8, into $HEADS_OUT/lr-<lr>. Each
+#                     cell's lr is chosen on validation (seed 0, HEAD_LRS, extended to
+#                     HEAD_LRS_BEYOND at an edge), then seeds 1 and 2 run at that lr; the
+#                     table is benchmarks/lr_selection.py. ResNet-18 at K = 4 and 8 first,
+#                     then ResNet-18 at K = 2, then VGG-11. Not in the default PARTS; run it
+#                     as EPOCHS=100 PARTS=heads benchmarks/cifar10_convnets.sh
 set -euo pipefail
 DATA=${DATA:-../shared/data}
 OUT=${OUT:-benchmarks/results/cifar10-convnets-50-epochs-2026-12-01}
@@ -22,12 +29,17 @@ PARTS=${PARTS:-resnet18 vgg11 bp-epochs lr cost}
 LRS=${LRS:-3e-4 3e-3 1e-2}
 WIDTH_RESNET=${WIDTH_RESNET:-8}
 WIDTH_VGG=${WIDTH_VGG:-8}
+HEAD=${HEAD:-spatial}
+HEAD_LRS=${HEAD_LRS:-3e-4 1e-3 3e-3}
+HEAD_LRS_BEYOND=${HEAD_LRS_BEYOND:-1e-4 1e-2}  # tried only where the best is at an edge
+PYTHON=${PYTHON:-python}  # runs benchmarks/lr_selection.py: the one sidpipe is installed in
+HEADS_OUT=${HEADS_OUT:-benchmarks/results/cifar10-heads-$EPOCHS-epochs-2026-12-03}
 
 for part in $PARTS; do  # a typo must not surface after hours of training
   case $part in
-    resnet18 | vgg11 | bp-epochs | vgg11-epochs | lr | cost) ;;
+    resnet18 | vgg11 | bp-epochs | vgg11-epochs | lr | cost | heads) ;;
     *) echo "cifar10_convnets.sh: unknown part '$part' in PARTS (resnet18 vgg11 bp-epochs" \
-         "vgg11-epochs lr cost)" >&2
+         "vgg11-epochs lr cost heads)" >&2
        exit 2 ;;
   esac
 done
@@ -65,5 +77,44 @@ for part in $PARTS; do
             study 1e-3 "study.out=$OUT/cost/$model" "study.models=[$model]" "model.width=$width" \
               "study.seeds=[0]" study.jobs=1 study.estimate=true study.estimate_steps=58
           done ;;
+    # The lr is chosen per cell (model, method, head, K) on validation, on seed 0: seed 0 at
+    # every lr of HEAD_LRS, then what benchmarks/lr_selection.py --next asks for, until it asks
+    # for nothing: seed 0 one lr further out (of HEAD_LRS_BEYOND) where the best is at the
+    # grid's edge, else seeds 1 and 2 at the cell's chosen lr. BP runs once per (model, seed,
+    # lr): every cut of a model shares its BP runs.
+    heads) lr_args=()
+           for lr in $HEAD_LRS_BEYOND $HEAD_LRS; do lr_args+=("$lr=$HEADS_OUT/lr-$lr"); done
+           base=$(tr ' ' ',' <<< "$HEAD_LRS")
+           for cut in "resnet18 $WIDTH_RESNET [4,8]" "resnet18 $WIDTH_RESNET [2]" \
+                      "vgg11 $WIDTH_VGG [2,4,8]"; do
+             read -r model width blocks <<< "$cut"
+             cell=("study.models=[$model]" "model.width=$width")
+             for lr in $HEAD_LRS; do
+               study "$lr" "study.out=$HEADS_OUT/lr-$lr" "${cell[@]}" "study.blocks=$blocks" \
+                 "study.heads=[pool,$HEAD]" "study.seeds=[0]"
+             done
+             last=""
+             while next=$("$PYTHON" benchmarks/lr_selection.py --next --base "$base" \
+                            --seeds 0,1,2 --models "$model" --blocks "${blocks:1:-1}" \
+                            "${lr_args[@]}") && [[ -n "$next" ]]; do
+               if [[ "$next" == "$last" ]]; then  # a run did not give the rows asked for
+                 echo "cifar10_convnets.sh: the lr search made no progress; still to run:" \
+                   "$(tr '\n' ';' <<< "$next")" >&2
+                 exit 1
+               fi
+               last=$next
+               # fd 3: sidpipe must not read the list on its stdin
+               while read -r lr _ method head k seeds <&3; do
+                 if [[ $method == bp ]]; then
+                   what=("study.blocks=[]")
+                 else
+                   what=(study.baseline=false "study.blocks=[$k]" "study.methods=[$method]"
+                         "study.heads=[$head]")
+                 fi
+                 study "$lr" "study.out=$HEADS_OUT/lr-$lr" "${cell[@]}" "${what[@]}" \
+                   "study.seeds=$seeds"
+               done 3<<< "$next"
+             done
+           done ;;
   esac
 done

@@ -1,16 +1,30 @@
 """Per-method learning-rate selection on validation, from accuracy studies run at several lrs.
 
-    python benchmarks/lr_selection.py 1e-3=OUT 3e-4=OUT/lr-3e-4 3e-3=OUT/lr-3e-3
+    python benchmarks/lr_selection.py 3e-4=DIR 1e-3=DIR 3e-3=DIR [1e-4=DIR 1e-2=DIR]
+        [--base 3e-4,1e-3,3e-3] [--next --seeds 0,1,2 [--models M,..] [--blocks K,..]]
 
-Each argument is lr=folder of a `sidpipe accuracy` blockwise study (its blockwise.json). For
-every (model, method, blocks) cell the lr with the best mean validation accuracy (each run's
-best epoch on validation) is chosen; the table gives, per lr, mean validation and
-val-selected test accuracy, and the gap to BP when each side uses its own chosen lr, paired
-by seed. Test accuracy never takes part in the choice.
+Each argument is lr=folder of a `sidpipe accuracy` blockwise study (its blockwise.json; a
+folder not written yet has no runs). A cell is (model, method, head, blocks). Its lr is chosen
+by the best mean validation accuracy (each run's best epoch on validation) over the seeds it
+has at every lr it tried, and only once it has tried every lr of --base (default: every lr
+given); test accuracy never takes part in the choice.
+
+Without --next: the table. Per lr, mean validation / val-selected test accuracy over those
+selection seeds; then, at the chosen lr and over every seed run there, the test accuracy
+selected on validation and at the last epoch, and the gap to BP when each side uses its own
+chosen lr, paired by seed. A chosen lr at the edge of what was tried is marked "(edge)".
+
+With --next: what the study should run next, one line per cell, `LR MODEL METHOD HEAD BLOCKS
+SEEDS` (HEAD and BLOCKS are '-' for BP; SEEDS as [a,b]). If the chosen lr is the largest (or
+smallest) the cell tried and a larger (smaller) lr is given, the first of --seeds at the next
+lr out: the grid extends where the best is at its edge. Otherwise the seeds of --seeds the
+cell lacks at its chosen lr. Nothing when every cell is complete. benchmarks/cifar10_convnets.sh
+(PARTS=heads) runs seed 0 at every base lr, then what --next says until it says nothing.
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import statistics
 import sys
@@ -19,64 +33,160 @@ from pathlib import Path
 
 from sidpipe.bench.accuracy.stats import pct, table
 
+Cell = tuple[str, str, str | None, int | None]  # model, method, head (None: BP), blocks
+# (best validation, val-selected test, last-epoch test) of one run
+Scores = tuple[float, float, float]
 
-def cells(studies: dict[str, Path]) -> dict[tuple, dict[str, dict[int, tuple[float, float]]]]:
-    """(model, method, blocks) -> lr -> seed -> (best validation, val-selected test)."""
-    out: dict[tuple, dict[str, dict[int, tuple[float, float]]]] = defaultdict(dict)
+
+def cells(studies: dict[str, Path]) -> dict[Cell, dict[str, dict[int, Scores]]]:
+    """cell -> lr -> seed -> scores. BP's head is None (it runs the default head); a local
+    run without one ran pool. A folder without blockwise.json contributes nothing."""
+    out: dict[Cell, dict[str, dict[int, Scores]]] = defaultdict(dict)
     for lr, folder in studies.items():
-        rows = json.loads((folder / "blockwise.json").read_text())["rows"]
-        for r in rows:
+        path = folder / "blockwise.json"
+        if not path.is_file():
+            continue
+        for r in json.loads(path.read_text())["rows"]:
             if r.get("status") not in ("ran", "reused") or not r.get("val_curve"):
                 continue
-            key = (r["model"], r["method"], r.get("blocks"))
+            head = None if r["method"] == "bp" else r.get("head") or "pool"
+            key = (r["model"], r["method"], head, r.get("blocks"))
             out[key].setdefault(lr, {})[r["seed"]] = (
                 max(r["val_curve"]),
                 r["val_selected_test_accuracy"],
+                r.get("test_accuracy", r["val_selected_test_accuracy"]),
             )
     return out
 
 
-def selection_table(studies: dict[str, Path]) -> str:
+def selection_seeds(per_lr: dict[str, dict[int, Scores]]) -> set[int]:
+    """The seeds a cell has at every lr it tried: the only fair ground for the choice."""
+    return set.intersection(*(set(runs) for runs in per_lr.values()))
+
+
+def choose(data: dict[Cell, dict[str, dict[int, Scores]]], base: list[str]) -> dict[Cell, str]:
+    """Each cell's lr, chosen on validation; cells that have not tried every base lr (or
+    share no seed across their lrs) have none yet."""
+    chosen = {}
+    for key, per_lr in data.items():
+        seeds = selection_seeds(per_lr)
+        if all(lr in per_lr for lr in base) and seeds:
+            chosen[key] = max(
+                per_lr, key=lambda lr: statistics.fmean(per_lr[lr][s][0] for s in seeds)
+            )
+    return chosen
+
+
+def by_value(lrs: list[str]) -> list[str]:
+    return sorted(lrs, key=float)
+
+
+def at_edge(per_lr: dict[str, dict[int, Scores]], lr: str) -> bool:
+    tried = by_value(list(per_lr))
+    return len(tried) > 1 and lr in (tried[0], tried[-1])
+
+
+def label(key: Cell) -> str:
+    method, head = key[1], key[2]
+    return method if head in (None, "pool") else f"{method} ({head} head)"
+
+
+def selection_table(studies: dict[str, Path], base: list[str] | None = None) -> str:
     data = cells(studies)
-    lrs = list(studies)
-    # only cells measured at every lr take part: the choice must see the same options
-    full = {k: v for k, v in data.items() if all(lr in v for lr in lrs)}
-    chosen = {
-        k: max(lrs, key=lambda lr: statistics.fmean(a for a, _ in v[lr].values()))
-        for k, v in full.items()
-    }
+    lrs = by_value(list(studies))
+    chosen = choose(data, base if base is not None else lrs)
     head = ["model", "method", "K", *[f"lr {lr}: val / test" for lr in lrs], "chosen lr",
-            "test at chosen lr", "− BP at BP's chosen lr"]  # fmt: skip
+            "seeds", "test at chosen lr (val-selected)", "(last epoch)",
+            "− BP at BP's chosen lr (val-selected)", "(last epoch)"]  # fmt: skip
     body = []
-    for key in sorted(full, key=lambda k: (k[0], k[1] != "bp", k[1], k[2] or 0)):
-        model, method, blocks = key
+    for key in sorted(chosen, key=lambda k: (k[0], k[1] != "bp", k[1], k[2] or "", k[3] or 0)):
+        model, method, _, blocks = key
+        seeds = selection_seeds(data[key])
         per_lr = []
         for lr in lrs:
-            runs = full[key][lr].values()
-            val = 100 * statistics.fmean(a for a, _ in runs)
-            test = 100 * statistics.fmean(t for _, t in runs)
-            per_lr.append(f"{val:.1f} / {test:.1f}")
-        mine = full[key][chosen[key]]
-        gap = "–"
-        bp_key = (model, "bp", None)
-        if method != "bp" and bp_key in full:
-            bp = full[bp_key][chosen[bp_key]]
-            gap = pct([mine[s][1] - bp[s][1] for s in mine if s in bp], signed=True)
-        body.append([model, method, blocks or "–", *per_lr, chosen[key],
-                     pct([t for _, t in mine.values()]), gap])  # fmt: skip
+            runs = [data[key][lr][s] for s in seeds] if lr in data[key] else []
+            val = f"{100 * statistics.fmean(v for v, _, _ in runs):.1f}" if runs else "–"
+            test = f"{100 * statistics.fmean(t for _, t, _ in runs):.1f}" if runs else "–"
+            per_lr.append(f"{val} / {test}")
+        mine = data[key][chosen[key]]
+        gaps = ["–", "–"]
+        bp_key = (model, "bp", None, None)
+        if method != "bp" and bp_key in chosen:
+            bp = data[bp_key][chosen[bp_key]]
+            paired = [s for s in mine if s in bp]
+            gaps = [pct([mine[s][i] - bp[s][i] for s in paired], signed=True) for i in (1, 2)]
+        edge = " (edge)" if at_edge(data[key], chosen[key]) else ""
+        body.append([model, label(key), blocks or "–", *per_lr, chosen[key] + edge,
+                     ",".join(str(s) for s in sorted(mine)),
+                     pct([t for _, t, _ in mine.values()]),
+                     pct([t for _, _, t in mine.values()]), *gaps])  # fmt: skip
     return table(head, body)
 
 
+def next_runs(
+    studies: dict[str, Path],
+    base: list[str],
+    seeds: list[int],
+    models: list[str] | None = None,
+    blocks: list[int] | None = None,
+) -> list[str]:
+    """What each cell with a chosen lr still needs (see the module docstring)."""
+    data = cells(studies)
+    given = by_value(list(studies))
+    lines = []
+    for key, lr in sorted(choose(data, base).items(), key=lambda kv: str(kv[0])):
+        model, method, head, k = key
+        if models is not None and model not in models:
+            continue
+        if blocks is not None and method != "bp" and k not in blocks:
+            continue
+        tried = by_value(list(data[key]))
+        i = given.index(lr)
+        if lr == tried[-1] and i + 1 < len(given):  # best at the top edge: one step up
+            want, run_seeds = given[i + 1], seeds[:1]
+        elif lr == tried[0] and i > 0:  # best at the bottom edge: one step down
+            want, run_seeds = given[i - 1], seeds[:1]
+        else:
+            want, run_seeds = lr, [s for s in seeds if s not in data[key][lr]]
+        if run_seeds:
+            lines.append(f"{want} {model} {method} {head or '-'} {k or '-'} "
+                         f"[{','.join(str(s) for s in run_seeds)}]")  # fmt: skip
+    return lines
+
+
+def csv(kind: type) -> object:
+    return lambda text: [kind(x) for x in text.split(",") if x]
+
+
 def main(argv: list[str]) -> int:
-    if not argv or any("=" not in a for a in argv):
-        print(__doc__.strip(), file=sys.stderr)
-        return 2
-    studies = {a.split("=", 1)[0]: Path(a.split("=", 1)[1]) for a in argv}
-    for lr, folder in studies.items():
-        if not (folder / "blockwise.json").is_file():
-            print(f"lr_selection: error: no blockwise.json in {folder} (lr {lr})", file=sys.stderr)
+    p = argparse.ArgumentParser(prog="lr_selection.py", description=__doc__.split("\n\n")[0])
+    p.add_argument("studies", nargs="+", metavar="LR=DIR")
+    p.add_argument("--base", type=csv(str), help="lrs every cell must try before choosing")
+    p.add_argument("--next", action="store_true", help="print the runs the study needs next")
+    p.add_argument("--seeds", type=csv(int), default=[0, 1, 2])
+    p.add_argument("--models", type=csv(str))
+    p.add_argument("--blocks", type=csv(int))
+    args = p.parse_args(argv)
+    if any("=" not in a for a in args.studies):
+        p.error("each study is LR=DIR")
+    studies = {a.split("=", 1)[0]: Path(a.split("=", 1)[1]) for a in args.studies}
+    try:
+        for lr in [*studies, *(args.base or [])]:
+            float(lr)
+    except ValueError as e:
+        p.error(f"an lr is not a number: {e}")
+    base = args.base if args.base is not None else list(studies)
+    if unknown := [lr for lr in base if lr not in studies]:
+        p.error(f"--base lists {', '.join(unknown)}, which no LR=DIR gives")
+    if args.next:
+        print("\n".join(next_runs(studies, base, args.seeds, args.models, args.blocks)))
+        return 0
+    for lr in base:
+        if not (studies[lr] / "blockwise.json").is_file():
+            print(f"lr_selection: error: no blockwise.json in {studies[lr]} (lr {lr})",
+                  file=sys.stderr)  # fmt: skip
             return 2
-    print(selection_table(studies))
+    print(selection_table(studies, base))
     return 0
 
 

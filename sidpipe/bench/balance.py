@@ -12,6 +12,7 @@ from __future__ import annotations
 import copy
 import logging
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -24,8 +25,9 @@ from sidpipe.drivers.summary import AUTO_PLAN_FILE
 from sidpipe.method.stage import SIDStage
 from sidpipe.models import BlockNet, build_net
 from sidpipe.models.partition import StageModule
-from sidpipe.runtime.device import select_device
+from sidpipe.runtime.device import local_stage_count, select_device, stage_threads
 from sidpipe.runtime.io import atomic_write_json, timed_call
+from sidpipe.runtime.wire import wire_nbytes
 
 log = logging.getLogger("sidpipe.balance")
 
@@ -46,18 +48,26 @@ def profile_blocks(
     for i in range(net.n_blocks):
         stage = SIDStage(StageModule(net, range(i, i + 1)), cfg, total_updates=1000, device=device)
         seconds, h, p = _time_block(stage, h, p, y, device, iters)
-        costs.append(BlockCost(seconds, sum(t.numel() * t.element_size() for t in (h, p, y))))
+        costs.append(BlockCost(seconds, wire_nbytes(cfg, h, p, y)))  # as sent: bf16, top-k
     return costs
 
 
-def _time_block(stage: SIDStage, h, p, y, device: torch.device, iters: int):
-    """Median seconds of one message's forward + update, and the block's output (h, p)."""
+def message_step(stage: SIDStage, h, p, y) -> tuple[Callable[[], None], dict]:
+    """One TRAIN message as the stage loop runs it: forward (blocks + heads + losses), then
+    the local backward and optimizer step. Whatever the stage's modules hold, their heads
+    included, is in what is timed. Returns the step and the dict its forward output lands in."""
     out: dict = {}
 
     def step() -> None:
         out["fwd"] = stage.forward(h, p, y)
         stage.update(out["fwd"][2])
 
+    return step, out
+
+
+def _time_block(stage: SIDStage, h, p, y, device: torch.device, iters: int):
+    """Median seconds of one message's forward + update, and the block's output (h, p)."""
+    step, out = message_step(stage, h, p, y)
     for _ in range(stage.warm_up_messages):
         step()
     times = sorted(timed_call(step, device) for _ in range(iters))
@@ -98,7 +108,7 @@ def auto_partition(
     cfg: Config, data: DataBundle, net: BlockNet, device: torch.device
 ) -> dict[str, Any]:
     """Measure, balance, print; returns {cuts, block_step_ms, predicted_stage_ms}."""
-    torch.set_num_threads(cfg.pipeline.threads)
+    torch.set_num_threads(stage_threads(cfg, local_stage_count(cfg)))  # as a stage will run
     costs = profile_blocks(cfg, data, net, device)
     cuts, predicted = best_cuts(costs, cfg.stage_count, cfg.pipeline.auto_bandwidth_gbs * 1e9)
     ms = ", ".join(f"{c.seconds * 1e3:.2f}" for c in costs)

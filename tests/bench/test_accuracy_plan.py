@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from sidpipe.bench import accuracy
-from sidpipe.bench.accuracy.plan import plan, validate
+from sidpipe.bench.accuracy.plan import cost_key, plan, validate
 from sidpipe.bench.accuracy.report import default_out
 from sidpipe.config import StudyConfig, compose_config
 from sidpipe.errors import ConfigError
@@ -54,13 +54,69 @@ def test_overrides_order_digest_and_groups() -> None:
 
 
 def test_run_names_match_earlier_result_folders() -> None:
-    """The same settings give the same folder as before the package move (resumable)."""
+    """The same settings give the same folder as before the package move (resumable). BP's
+    name changed once, on purpose: its runs now take one microbatch (was
+    mnist-simplecnn-bp-e10-c3038e7c-s0, trained with 4)."""
     s = StudyConfig(name="blockwise", seeds=[0], models=["simplecnn"], datasets=["mnist"],
                     blocks=[2])  # fmt: skip
     assert names(plan(s, [])["blockwise"]) == [
-        "mnist-simplecnn-bp-e10-c3038e7c-s0",
+        "mnist-simplecnn-bp-e10-efe4afe1-s0",
         "mnist-simplecnn-b2-sid-e10-dcf63c99-s0",
     ]
+
+
+def test_every_bp_run_normalises_over_the_whole_batch() -> None:
+    """BatchNorm in BP must see the samples it sees in SID: every study's BP runs take one
+    microbatch, a user's pipeline.microbatches is refused, and validate() refuses a plan whose
+    BP run would split the batch, in one line."""
+    plans = plan(StudyConfig(seeds=[0], models=["vgg11"], datasets=["cifar10"]), [])
+    bp = [r for runs in plans.values() for r in runs if r.labels["method"] == "bp"]
+    assert {r.study for r in bp} == set(plans) == {"reference", "blockwise", "noise", "alpha"}
+    for r in bp:
+        assert compose_config(r.overrides).pipeline.microbatches == 1, r.name
+    local = [r for runs in plans.values() for r in runs if r.labels["method"] != "bp"]
+    assert not any("pipeline.microbatches" in o for r in local for o in r.overrides)
+    with pytest.raises(ConfigError, match=r"pipeline.microbatches is set by the study .*BatchNorm"):
+        plan(StudyConfig(name="blockwise"), ["pipeline.microbatches=4"])
+    blockwise = plan(StudyConfig(name="blockwise", seeds=[0], models=["vgg11"],
+                                 datasets=["cifar10"], blocks=[2]), [])  # fmt: skip
+    split = blockwise["blockwise"][0]
+    split.overrides = [o for o in split.overrides if o != "pipeline.microbatches=1"]
+    with pytest.raises(ConfigError) as e:
+        validate(blockwise)
+    assert str(e.value) == (
+        f"run blockwise/{split.name}: BP would normalise BatchNorm over train.batch_size/4 "
+        "samples, SID over the whole batch of 256; a study's BP runs need "
+        "pipeline.microbatches=1"
+    )
+
+
+def test_heads_are_a_plan_dimension_of_the_local_methods() -> None:
+    s = StudyConfig(name="blockwise", seeds=[0, 1], models=["resnet18", "mlp"],
+                    datasets=["cifar10"], blocks=[4], methods=["sid", "greedy"],
+                    heads=["pool", "spatial"])  # fmt: skip
+    runs = plan(s, [])["blockwise"]
+    cnn = [r for r in runs if r.labels["model"] == "resnet18"]
+    # per seed: BP once (default head), then per method each head
+    assert [(r.labels["method"], r.labels.get("head")) for r in cnn[:5]] == [
+        ("bp", None), ("sid", "pool"), ("sid", "spatial"), ("greedy", "pool"),
+        ("greedy", "spatial"),
+    ]  # fmt: skip
+    pool, spatial = cnn[1], cnn[2]
+    assert "model.head=spatial" in spatial.overrides and "-b4-spatial-sid-" in spatial.name
+    assert not any(o.startswith("model.head") for o in pool.overrides)  # the name runs had
+    assert "spatial" not in pool.name and pool.group != spatial.group
+    assert compose_config(spatial.overrides).model.head == "spatial"
+    # the mlp has no maps: its spatial cells are skipped, saying why
+    skipped = [r for r in runs if r.skip_reason]
+    assert {r.labels["model"] for r in skipped} == {"mlp"} and len(skipped) == 2 * 2
+    assert all("model.head=spatial needs (C,H,W) maps" in r.skip_reason for r in skipped)
+    # each head is its own kind of run: validated apart, estimated apart
+    assert cost_key(pool) != cost_key(spatial)
+    with pytest.raises(ConfigError, match=r"model.head is set by the study .*study.heads"):
+        plan(s, ["model.head=conv"])
+    with pytest.raises(ConfigError, match=r"study.heads=\['wide'\] must list some of pool"):
+        compose_config(["study.heads=[wide]"])
 
 
 def test_greedy_runs_beside_sid_on_every_block_count() -> None:
@@ -163,7 +219,7 @@ def test_bad_study_override_names_the_key(override: str) -> None:
 @pytest.mark.parametrize(
     "argv, message",
     [
-        (["study.name=blockwise", "optim.lrr=3e-4"], "Could not override 'optim.lrr'"),
+        (["study.name=blockwise", "optim.lrr=3e-4"], "unknown key 'optim.lrr' (did you mean"),
         (["model.width=0"], "model.width must be >= 1 (got 0)"),
         (["study.seeds=0"], "study.seeds=0"),
         (["study.name=blockwise", "seed=3"], "seed is set by the study for each run (study.seeds)"),
@@ -190,3 +246,16 @@ def test_free_train_overrides_are_accepted() -> None:
     plans = plan(cfg.study, extra)
     validate(plans)
     assert all(r.overrides[-4:] == extra for r in plans["blockwise"])
+
+
+def test_a_study_without_its_baseline_plans_the_same_local_runs_and_no_bp() -> None:
+    """study.baseline=false: one cell at a time at its own lr, its runs named as in the whole
+    study (so a later full invocation reuses them)."""
+    s = StudyConfig(name="blockwise", seeds=[0, 1], models=["resnet18"], datasets=["cifar10"],
+                    blocks=[4, 8], methods=["sid"], heads=["spatial"])  # fmt: skip
+    whole = plan(s, ["optim.lr=3e-3"])["blockwise"]
+    alone = plan(StudyConfig(**{**s.__dict__, "baseline": False, "blocks": [8]}),
+                 ["optim.lr=3e-3"])["blockwise"]  # fmt: skip
+    assert [r.labels["method"] for r in whole].count("bp") == 2
+    assert names(alone) == [r.name for r in whole if r.labels.get("blocks") == 8]
+    assert compose_config(["study.baseline=false"]).study.baseline is False

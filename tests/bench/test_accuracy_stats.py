@@ -3,9 +3,12 @@ verdicts against the seed spread, and the findings they turn into."""
 
 from __future__ import annotations
 
+import statistics
+
 import pytest
 
 from sidpipe.bench.accuracy import stats
+from sidpipe.bench.accuracy.report import report_blockwise
 from sidpipe.bench.accuracy.run import merge, merged_invocations
 
 
@@ -124,13 +127,6 @@ def test_blockwise_greedy_width_flatness_and_anchors() -> None:
     ]  # fmt: skip
 
 
-def test_sign_test_is_the_exact_binomial_tail() -> None:
-    assert stats.sign_test(3, 3) == pytest.approx(0.25)  # 2 * (1/2)^3
-    assert stats.sign_test(0, 3) == pytest.approx(0.25)
-    assert stats.sign_test(9, 10) == pytest.approx(2 * 11 / 1024)
-    assert stats.sign_test(5, 10) == 1.0 and stats.sign_test(0, 0) == 1.0
-
-
 def test_consistency_term_pooled_over_cells() -> None:
     """Per cell, three seeds leave a 1-point SID − greedy edge 'level with' the spread; pooled
     over the four (model, blocks) cells its 12 pairs are all positive."""
@@ -148,10 +144,12 @@ def test_consistency_term_pooled_over_cells() -> None:
     assert len(per_cell) == 2 and all("+1.00 at 4 blocks (level with)" in f for f in per_cell)
     pooled = [f for f in findings if f.startswith("Consistency term pooled")]
     assert len(pooled) == 1
-    # the mean is +1.00; the standard error is the pairs' std (1.12 points) / sqrt(12)
-    assert "all (4 cells, 12 pairs) +1.00 ± 0.32," in pooled[0]
-    assert "SID ahead in 12, behind in 0, sign test p = 0.00049" in pooled[0]
-    assert "4 blocks (2 cells, 6 pairs) +1.00 ± 0.48," in pooled[0]
+    # mean ± std of the pairs' gains in points; no test: the pairs share seeds and the split
+    gains = [0.1, 2.5, 0.4]
+    sd12, sd6 = statistics.stdev(gains * 4), statistics.stdev(gains * 2)
+    assert f"all (4 cells, 12 pairs) +1.00 ± {sd12:.2f}, SID ahead in 12, behind in 0" in pooled[0]
+    assert "descriptive only" in pooled[0] and "p =" not in pooled[0]
+    assert f"4 blocks (2 cells, 6 pairs) +1.00 ± {sd6:.2f}," in pooled[0]
     assert "2 blocks" not in pooled[0]  # no greedy at 2 blocks: not a pair
     # one cell only: nothing to pool, the per-cell line says it all
     one = [r for r in rows if r["model"] == "vgg11" and r.get("blocks") in (None, 4)]
@@ -207,3 +205,53 @@ def test_a_reused_run_keeps_the_invocation_that_trained_it(tmp_path) -> None:
     assert [(r["name"], r["invocation"]) for r in merged] == [("b4", "monday"),
                                                              ("b4-s1", "tuesday")]  # fmt: skip
     assert set(merged_invocations(old, merged, {"id": "tuesday"})) == {"monday", "tuesday"}
+
+
+def test_heads_are_shown_and_every_paired_difference_per_cell() -> None:
+    """A study that ran two heads names them in every table and compares them per cell, for
+    val-selected and last-epoch test accuracy, with the per-seed values."""
+    cifar = {"dataset": "cifar10", "model": "resnet18", "width": 8}
+    rows = [row("bp", s, 0.60, **cifar) for s in range(3)]
+    for s in range(3):
+        rows.append(row("sid", s, 0.50, **cifar, blocks=4, head="pool"))
+        rows.append(row("greedy", s, 0.49, **cifar, blocks=4, head="pool"))
+        rows.append(row("sid", s, 0.55 + 0.01 * s, **cifar, blocks=4, head="spatial"))
+        rows.append(row("greedy", s, 0.53, **cifar, blocks=4, head="spatial"))
+    rows[-1]["test_accuracy"] = 0.40  # greedy spatial, seed 2: a poor last epoch only
+    body, findings, series = stats.blockwise_stats(rows)
+    assert [r[2] for r in body] == ["BP", "SID, pool head 4 blocks", "SID, spatial head 4 blocks",
+                                    "greedy (α=1), pool head 4 blocks",
+                                    "greedy (α=1), spatial head 4 blocks"]  # fmt: skip
+    assert any(f.startswith("Consistency term (resnet18 (width 8) on cifar10, spatial head)")
+               for f in findings)  # fmt: skip
+    assert "resnet18 (width 8) SID, spatial head" in series["cifar10"]
+    header, diffs = stats.paired_table(rows)
+    assert header[4:6] == ["val-selected", "last epoch"]
+    got = {r[3]: r[4:] for r in diffs}
+    assert list(got) == [
+        "SID, pool head − BP", "SID, spatial head − BP", "greedy (α=1), pool head − BP",
+        "greedy (α=1), spatial head − BP", "SID − greedy (pool head)",
+        "SID − greedy (spatial head)", "SID: spatial − pool head",
+        "greedy (α=1): spatial − pool head",
+    ]  # fmt: skip
+    assert got["SID: spatial − pool head"] == ["+6.00 ± 1.00", "+6.00 ± 1.00", "+5.0 / +6.0 / +7.0"]
+    # the val-selected and last-epoch columns come from their own accuracies
+    greedy_spatial = got["greedy (α=1): spatial − pool head"]
+    assert greedy_spatial[0] == "+4.00 ± 0.00" and greedy_spatial[1] != greedy_spatial[0]
+    header, anchors = stats.anchor_table(rows)
+    assert "SID, spatial head − BP (this study)" in header
+
+
+def test_blockwise_report_shows_the_paired_table_and_the_heads(tmp_path) -> None:
+    cifar = {"dataset": "cifar10", "model": "vgg11", "width": 8}
+    rows = [row("bp", s, 0.60, **cifar) for s in range(2)]
+    rows += [row("sid", s, 0.58, **cifar, blocks=2, head=h) for s in range(2)
+             for h in ("pool", "conv")]  # fmt: skip
+    meta = {"command": "sidpipe accuracy", "date": "d", "extra": [],
+            "machine": {"platform": "p", "processor": "x", "cpus": "2", "torch": "t"},
+            "knobs": {"epochs": 1, "seeds": [0, 1], "batch_size": 8, "val_fraction": 0.1,
+                      "subset": None, "threads": 1, "jobs": 1}}  # fmt: skip
+    md = report_blockwise(rows, [meta], tmp_path).markdown
+    assert "### Paired differences per cell" in md
+    assert "| cifar10 | vgg11 (width 8) | 2 | SID: conv − pool head | +0.00 ± 0.00 |" in md
+    assert "SID, conv head 2 blocks" in md

@@ -6,8 +6,13 @@ import itertools
 
 import pytest
 import torch
+from torch.utils.flop_counter import FlopCounterMode
 
-from sidpipe.bench.balance import BlockCost, best_cuts
+from sidpipe.bench.balance import BlockCost, best_cuts, message_step
+from sidpipe.config import Config, ModelConfig
+from sidpipe.method.stage import SIDStage
+from sidpipe.models import build_model
+from sidpipe.models.partition import StageModule
 from sidpipe.runtime.io import load_state
 from tests.conftest import TINY, read_summary, run_cli
 
@@ -39,6 +44,33 @@ def test_best_cuts_is_optimal(seed, stages):
 def test_unbalanced_costs_move_the_cut():
     costs = [BlockCost(1.0, 0), BlockCost(1.0, 0), BlockCost(1.0, 0), BlockCost(5.0, 0)]
     assert best_cuts(costs, 2, 1.0)[0] == [3]  # uniform would be [2]: 2 vs 6 -> 3 vs 5
+
+
+def _flops(fn) -> int:
+    with FlopCounterMode(display=False) as counter:
+        fn()
+    return counter.get_total_flops()
+
+
+def test_measured_block_step_carries_the_head():
+    # partition=auto (and the simulator) time one message through a block's whole module:
+    # a heavier head must show up in what is measured. The step's FLOPs grow, from pool to
+    # conv, by exactly the difference of the two heads' own forward + backward FLOPs.
+    torch.set_num_threads(1)
+    steps, heads = {}, {}
+    for kind in ("pool", "conv"):
+        cfg = Config(model=ModelConfig(name="simplecnn", width=4, blocks=2, head=kind,
+                                       head_width=8, head_hidden=8))  # fmt: skip
+        torch.manual_seed(0)
+        net = build_model(cfg.model, (1, 8, 8), num_classes=10)
+        x, y = torch.randn(6, 1, 8, 8), torch.randint(0, 10, (6,))
+        stage = SIDStage(StageModule(net, range(0, 1)), cfg, 10, torch.device("cpu"))
+        step, out = message_step(stage, x, net.prior(x), y)
+        steps[kind] = _flops(step)
+        h, head, p = out["fwd"][0].detach().requires_grad_(), net.heads[0], net.prior(x)
+        heads[kind] = _flops(lambda h=h, head=head, p=p: head(h, p).sum().backward())
+    assert steps["conv"] > steps["pool"]
+    assert steps["conv"] - steps["pool"] == heads["conv"] - heads["pool"]
 
 
 @pytest.mark.multiprocess

@@ -17,8 +17,12 @@ Studies (each run single-process, `pipeline.stages=1`, trained in this process o
              5 belief modules, Adam 1e-3, batch 256, 20 epochs, MNIST): `sid.variant=shared`
              vs BP on the same chain. The authors' log reports best-epoch BP 99.06 vs SID 99.31.
   blockwise  blockwise SID vs BP at equal architecture for study.models x study.datasets x
-             study.blocks. BP does not depend on how the layers are grouped: it runs once per
-             (dataset, model, seed) and is the baseline of every block count.
+             study.blocks (x study.heads). BP does not depend on how the layers are grouped:
+             it runs once per (dataset, model, seed) and is the baseline of every block count.
+
+Every BP run of every study takes the whole batch as one microbatch
+(`pipeline.microbatches=1`): BatchNorm then normalises over the same samples as in SID, and a
+plan where a BP run would split its batch is refused.
   depth      per-depth test accuracy of every SID run found in the output folder (all studies):
              does accuracy rise with depth? One plot per run configuration. Runs no training;
              every other study refreshes it.
@@ -33,6 +37,9 @@ study.* keys (lists as `[a,b]`):
   study.batch_size=256  study.val_fraction=0.1  study.subset=N (first N training samples)
   study.datasets=[...] (default: blockwise [mnist,fashion_mnist], the others [mnist])
   study.models=[mlp,simplecnn,vgg11,resnet18]  study.blocks=[2,4,8]
+  study.methods=[sid] (blockwise: sid, greedy)  study.heads=[pool] (blockwise: the belief
+      heads, model.head, every local method runs with; BP keeps the default head)
+  study.baseline=true (blockwise: train the BP baseline; false: the local methods only)
   study.noise=[0.0,0.2,0.4]  study.alphas=[0.1,0.3,0.5,0.7,0.9]  study.kl=[forward,reverse]
   study.arch=[shared] (noise/alpha: `shared` = the reference setting, `<model>-b<blocks>` =
       blockwise, e.g. study.arch=[shared,simplecnn-b4])
@@ -73,14 +80,15 @@ from sidpipe.bench.accuracy.report import (
     estimate_markdown,
     load_studies,
     machine,
+    write_studies_summary,
     write_study,
-    write_summary,
     write_text,
 )
 from sidpipe.bench.accuracy.run import measure, merge, merged_invocations, run_all
 from sidpipe.config import Config, StudyConfig, compose_config
 from sidpipe.data import resolve_root
 from sidpipe.errors import ConfigError, SidpipeError
+from sidpipe.runtime.lock import exclusive
 
 __all__ = ["main"]
 
@@ -162,8 +170,16 @@ def main(argv: list[str] | None = None) -> int:
 
 def run_studies(cfg: Config, extra: list[str], plans: dict, argv: list[str]) -> int:
     s = cfg.study
+    out = Path(s.out) if s.out else default_out(machine()["label"])
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"study.out={out} is a file; give a directory")
+    with exclusive(out, "study"):  # two studies writing one directory would mix their tables
+        return _run_studies(cfg, extra, plans, argv, out)
+
+
+def _run_studies(cfg: Config, extra: list[str], plans: dict, argv: list[str], out: Path) -> int:
+    s = cfg.study
     host = machine()
-    out = Path(s.out) if s.out else default_out(host["label"])
     date = dt.datetime.now().isoformat(timespec="seconds")
     meta: dict[str, Any] = {
         "id": f"{date} {os.getpid()}",
@@ -190,7 +206,7 @@ def run_studies(cfg: Config, extra: list[str], plans: dict, argv: list[str]) -> 
         report = write_study(out, study, rows, merged_invocations(old, rows, meta), meta, runs)
         for f in report.findings:
             log.info("finding: %s", f)
-    summary = write_summary(out, meta)
+    summary = write_studies_summary(out, meta)
     print(f"results: {out}\nsummary: {summary}", flush=True)
     if failed:
         print(f"sidpipe: error: {failed} run(s) failed (see the tables in {out})", file=sys.stderr)

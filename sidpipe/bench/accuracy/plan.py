@@ -13,7 +13,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from sidpipe.config import StudyConfig, compose_config
+from sidpipe.config import VECTOR_MODELS, Method, StudyConfig, compose_config
 from sidpipe.errors import ConfigError
 
 STUDIES = ("reference", "blockwise", "noise", "alpha")
@@ -58,6 +58,9 @@ OWNER = {
     "sid.kl_direction": "study.kl",
     "pipeline.stages": "study runs are single-process",
     "pipeline.threads": "study.threads",
+    "pipeline.microbatches": "a study's BP runs take the whole batch as one microbatch, so "
+    "BatchNorm normalises over the same samples as in SID",
+    "model.head": "study.heads",
     "experiment": "study.arch=[shared] is the reference setting",
 }
 
@@ -164,6 +167,8 @@ def make_run(
     parts = [labels.get("dataset"), labels.get("arch") or labels.get("model")]
     if labels.get("blocks") and study == "blockwise":
         parts.append(f"b{labels['blocks']}")
+    if labels.get("head") not in (None, "pool"):  # pool: the names runs had before heads
+        parts.append(labels["head"])
     if labels.get("noise") is not None:
         parts.append(f"noise{labels['noise']:g}")
     if labels.get("kl"):
@@ -197,7 +202,7 @@ def plan_reference(s: StudyConfig, extra: list[str]) -> list[Run]:
                     "experiment=mnist_reference",
                     f"data={data}",
                     "sid.variant=shared",
-                    f"method={method}",
+                    *(BP_OVERRIDES if method == "bp" else [f"method={method}"]),
                 ]
                 labels = {
                     "dataset": data,
@@ -212,16 +217,32 @@ def plan_reference(s: StudyConfig, extra: list[str]) -> list[Run]:
     return runs
 
 
+# Every BP run of a study: the whole batch in one microbatch. Single-process BP accumulates
+# over pipeline.microbatches (default 4), so BatchNorm would normalise over a quarter of the
+# batch SID normalises over; one microbatch makes the two see the same samples.
+BP_OVERRIDES = ["method=bp", "pipeline.microbatches=1"]
+
 # study.methods: what each local method of the blockwise study is, as train overrides.
 # greedy = the label term alone (alpha=1): each module learns the labels by itself, as in
 # greedy/DGL-style local learning; it isolates what SID's consistency term adds.
 METHOD_OVERRIDES = {"sid": ["method=sid"], "greedy": ["method=sid", "sid.alpha=1.0"]}
 
 
+def blockwise_skip(model: str, blocks: int, head: str) -> str | None:
+    """Why a (model, blocks, head) cell cannot exist, or None."""
+    natural = NATURAL_LAYERS[model]
+    if not 1 <= blocks <= natural:
+        return f"{model} has {natural} natural layers: {blocks} blocks do not exist"
+    if head != "pool" and model in VECTOR_MODELS:
+        return f"{model}'s blocks give vectors or tokens: model.head={head} needs (C,H,W) maps"
+    return None
+
+
 def plan_blockwise(s: StudyConfig, extra: list[str]) -> list[Run]:
     """BP trains all blocks + the final head end to end, which does not depend on how the
     layers are grouped: it runs once per (dataset, model, seed), the baseline of every block
-    count. Each of study.methods runs on every block count."""
+    count, with the default head (unless study.baseline=false). Each of study.methods runs on
+    every block count with each of study.heads."""
     runs = []
     for data in datasets(s, "blockwise"):
         for model in s.models:
@@ -229,7 +250,6 @@ def plan_blockwise(s: StudyConfig, extra: list[str]) -> list[Run]:
                 raise ConfigError(
                     f"study.models: {model!r} is unknown ({', '.join(NATURAL_LAYERS)})"
                 )
-            natural = NATURAL_LAYERS[model]
             base = [f"model={model}", f"data={data}", "sid.variant=blockwise"]
             if model == "mlp":
                 base.append(f"model.depth={MLP_DEPTH}")
@@ -242,22 +262,25 @@ def plan_blockwise(s: StudyConfig, extra: list[str]) -> list[Run]:
                     "method": "bp",
                     "seed": seed,
                 }
-                runs.append(make_run("blockwise", s, extra, labels, [*base, "method=bp"]))
+                if s.baseline:
+                    runs.append(make_run("blockwise", s, extra, labels, [*base, *BP_OVERRIDES]))
                 for blocks in s.blocks:
-                    skip = None
-                    if not 1 <= blocks <= natural:
-                        skip = f"{model} has {natural} natural layers: {blocks} blocks do not exist"
                     for method in s.methods:
-                        labels = {
-                            "dataset": data,
-                            "model": model,
-                            "variant": "blockwise",
-                            "blocks": blocks,
-                            "method": method,
-                            "seed": seed,
-                        }
-                        specific = [*base, f"model.blocks={blocks}", *METHOD_OVERRIDES[method]]
-                        runs.append(make_run("blockwise", s, extra, labels, specific, skip))
+                        for head in s.heads:
+                            labels = {
+                                "dataset": data,
+                                "model": model,
+                                "variant": "blockwise",
+                                "blocks": blocks,
+                                "method": method,
+                                "head": head,
+                                "seed": seed,
+                            }
+                            specific = [*base, f"model.blocks={blocks}", *METHOD_OVERRIDES[method]]
+                            if head != "pool":
+                                specific.append(f"model.head={head}")
+                            skip = blockwise_skip(model, blocks, head)
+                            runs.append(make_run("blockwise", s, extra, labels, specific, skip))
     return runs
 
 
@@ -273,7 +296,7 @@ def plan_noise(s: StudyConfig, extra: list[str]) -> list[Run]:
                             *arch_o,
                             f"data={data}",
                             f"data.label_noise={rate}",
-                            f"method={method}",
+                            *(BP_OVERRIDES if method == "bp" else [f"method={method}"]),
                         ]
                         labels = {
                             "dataset": data,
@@ -294,7 +317,7 @@ def plan_alpha(s: StudyConfig, extra: list[str]) -> list[Run]:
         for data in datasets(s, "alpha"):
             for seed in s.seeds:
                 labels = {"dataset": data, "arch": arch, **arch_l, "method": "bp", "seed": seed}
-                specific = [*arch_o, f"data={data}", "method=bp"]
+                specific = [*arch_o, f"data={data}", *BP_OVERRIDES]
                 runs.append(make_run("alpha", s, extra, labels, specific))
                 for kl in s.kl:
                     for alpha in s.alphas:
@@ -348,9 +371,11 @@ def plan(s: StudyConfig, extra: list[str]) -> dict[str, list[Run]]:
 
 
 def cost_key(run: Run) -> tuple:
-    """Runs that cost the same per epoch (seed, alpha, noise and KL direction aside)."""
+    """Runs that cost the same per epoch (seed, alpha, noise and KL direction aside); the
+    head changes the cost (and what validate() must compose)."""
     lab = run.labels
-    return (lab["dataset"], lab.get("arch") or lab["model"], lab.get("blocks"), lab["method"])
+    return (lab["dataset"], lab.get("arch") or lab["model"], lab.get("blocks"), lab["method"],
+            lab.get("head"))  # fmt: skip
 
 
 def plan_lines(plans: dict[str, list[Run]]) -> list[str]:
@@ -375,6 +400,19 @@ def validate(plans: dict[str, list[Run]]) -> None:
                 continue
             seen.add((study, cost_key(r)))
             try:
-                compose_config(r.overrides)
+                cfg = compose_config(r.overrides)
             except ConfigError as e:
                 raise ConfigError(f"run {study}/{r.name}: {e}") from None
+            check_bn_batch(cfg, f"{study}/{r.name}")
+
+
+def check_bn_batch(cfg: Any, name: str) -> None:
+    """BP and SID must normalise BatchNorm over the same batch: a BP run split into
+    microbatches would see 1/M of the samples SID sees in each normalisation."""
+    m = cfg.pipeline.microbatches
+    if cfg.method is Method.bp and m != 1:
+        raise ConfigError(
+            f"run {name}: BP would normalise BatchNorm over train.batch_size/{m} samples, SID "
+            f"over the whole batch of {cfg.train.batch_size}; a study's BP runs need "
+            "pipeline.microbatches=1"
+        )

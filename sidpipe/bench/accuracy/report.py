@@ -145,14 +145,29 @@ def report_blockwise(rows: list[Row], metas: list[dict[str, Any]], out: Path) ->
         "only (each module trained alone on the labels, the greedy/DGL-style control): SID − "
         "greedy is what the belief-consistency term adds. The model column gives the "
         "model.width of its runs (the same for every method; none: the architecture's "
-        "standard). Accuracies in %, mean ± std over "
-        "seeds; gaps are local − BP per seed, in points.",
+        "standard). Where a study ran several belief heads (study.heads, model.head) the "
+        "method names its head; BP always runs the default (pool) head. Accuracies in %, "
+        "mean ± std over seeds; gaps are local − BP per seed, in points.",
         provenance(metas, "blockwise"),
         ["data", "model", "method", "last epoch", "best epoch", "val-selected", "gap (last)",
          "gap (val-sel.)", "s/epoch", "seeds × epochs"],
         body,
         rows,
     )  # fmt: skip
+    header, diffs = stats.paired_table(good)
+    if diffs:
+        md += [
+            "",
+            "### Paired differences per cell",
+            "",
+            "Each difference is taken per seed (the two runs share data order, augmentation "
+            "and initialisation seed, and the data split), then summarised as mean ± std over "
+            "seeds, in points, for validation-selected and last-epoch test accuracy; the last "
+            "column lists the per-seed values. A cell's 3 seeds are its only evidence: cells "
+            "share seeds and the split, so pooling them does not add independent pairs.",
+            "",
+            table(header, diffs),
+        ]
     header, anchors = stats.anchor_table(good)
     if any(r[0].startswith("cifar") for r in anchors):
         md += [
@@ -303,7 +318,7 @@ def write_study(
     return report
 
 
-def write_summary(out: Path, meta: dict[str, Any]) -> Path:
+def write_studies_summary(out: Path, meta: dict[str, Any]) -> Path:
     """depth.md/json from every study present, then summary.md: findings and all tables."""
     studies = load_studies(out)
     depth = report_depth(studies, meta, out)
@@ -369,7 +384,7 @@ def estimate_markdown(
         provenance([meta], "estimate"),
         f"- measured: {steps} training batches per kind of run (first batch included)",
         "",
-        table(["study", "kind of run (data, arch/model, blocks, method)", "runs", "samples/s",
+        table(["study", "kind of run (data, arch/model, blocks, method, head)", "runs", "samples/s",
                "s/epoch", "hours (all its runs)"], body),
         "",
         f"All planned runs: about {grand / 3600:.1f} hours at 1 run at a time.",

@@ -4,7 +4,6 @@ and one-line findings. Pure functions of the rows: no files, no plots."""
 
 from __future__ import annotations
 
-import math
 import statistics
 from collections import defaultdict
 from collections.abc import Iterable
@@ -166,11 +165,33 @@ def flatness(bp: list[Row]) -> tuple[float, int] | None:
     return 100 * statistics.fmean(gains), len(curves[0])
 
 
+def head_of(r: Row) -> str:
+    """A run's belief head; rows from before heads were a study dimension used pool."""
+    return r.get("head") or "pool"
+
+
+def local_arms(grp: list[Row]) -> list[tuple[str, str, str]]:
+    """(method, head, label) of every local method x head that ran in this network's rows.
+    The head appears in the label only when the network ran more than one."""
+    local = [r for r in grp if r["method"] in LOCAL_METHODS]
+    heads = sorted({head_of(r) for r in local}, key=lambda h: (h != "pool", h))
+    arms = []
+    for method, name in LOCAL_METHODS.items():
+        for head in heads:
+            if any(r["method"] == method and head_of(r) == head for r in local):
+                arms.append((method, head, f"{name}, {head} head" if len(heads) > 1 else name))
+    return arms
+
+
+def arm_rows(grp: list[Row], method: str, head: str) -> list[Row]:
+    return [r for r in grp if r["method"] == method and head_of(r) == head]
+
+
 def blockwise_stats(
     good: list[Row],
 ) -> tuple[list[list[Any]], list[str], dict[str, dict[str, Series]]]:
     """Table body, findings, and per dataset the local − BP gap against blocks of each model
-    and local method."""
+    and local method (and head, where a study ran several)."""
     body, findings = [], []
     settings = level_or_above = 0
     gap_series: dict[str, dict[str, Series]] = defaultdict(dict)
@@ -191,8 +212,8 @@ def blockwise_stats(
                 f"BP {model} on {data}: validation accuracy changed {gain:+.2f} points over the "
                 f"last quarter of its {n} epochs ({verdict_}; threshold {FLAT_POINTS:g} point)."
             )
-        for method, name in LOCAL_METHODS.items():
-            by_blocks = by([r for r in grp if r["method"] == method], "blocks")
+        for method, head, name in local_arms(grp):
+            by_blocks = by(arm_rows(grp, method, head), "blocks")
             xs, ys, parts = [], [], []
             for (blocks,), local in sorted(by_blocks.items()):
                 gaps = {k: paired(local, bp, key) for k, key, _ in METRICS}
@@ -203,7 +224,7 @@ def blockwise_stats(
                     xs.append(blocks)
                     ys.append(gaps["last"])
                     m, v = verdict(gaps["last"])
-                    if method == "sid":
+                    if method == "sid" and head == "pool":  # the paper's setting
                         settings += 1
                         level_or_above += v != "below"
                     parts.append(f"{100 * m:+.2f} at {blocks} blocks ({v} BP)")
@@ -240,45 +261,43 @@ def blockwise_stats(
 
 
 def consistency_findings(grp: list[Row], data: str, model: str) -> list[str]:
-    """SID − greedy per block count: what the belief-consistency term adds over the label
-    term alone (validation-selected test accuracy, paired by seed)."""
-    sid = by([r for r in grp if r["method"] == "sid"], "blocks")
-    greedy = by([r for r in grp if r["method"] == "greedy"], "blocks")
-    parts = []
-    for (blocks,) in sorted(set(sid) & set(greedy)):
-        diffs = paired(sid[(blocks,)], greedy[(blocks,)], "val_selected_test_accuracy")
-        if diffs:
-            m, v = verdict(diffs)
-            parts.append(f"{100 * m:+.2f} at {blocks} blocks ({v})")
-    if not parts:
-        return []
-    return [
-        f"Consistency term ({model} on {data}): SID − greedy (α=1), val-selected test accuracy, "
-        + ", ".join(parts) + "."
-    ]  # fmt: skip
-
-
-def sign_test(k: int, n: int) -> float:
-    """Two-sided exact sign test: the chance of a split at least as uneven as k of n under
-    "either method wins a pair with probability 1/2"."""
-    tail = sum(math.comb(n, i) for i in range(min(k, n - k) + 1)) / 2**n
-    return min(1.0, 2 * tail)
+    """SID − greedy per block count and head: what the belief-consistency term adds over the
+    label term alone (validation-selected test accuracy, paired by seed)."""
+    heads = sorted({head_of(r) for r in grp if r["method"] in LOCAL_METHODS})
+    lines = []
+    for head in heads:
+        sid = by(arm_rows(grp, "sid", head), "blocks")
+        greedy = by(arm_rows(grp, "greedy", head), "blocks")
+        parts = []
+        for (blocks,) in sorted(set(sid) & set(greedy)):
+            diffs = paired(sid[(blocks,)], greedy[(blocks,)], "val_selected_test_accuracy")
+            if diffs:
+                m, v = verdict(diffs)
+                parts.append(f"{100 * m:+.2f} at {blocks} blocks ({v})")
+        if parts:
+            which = f", {head} head" if len(heads) > 1 else ""
+            lines.append(
+                f"Consistency term ({model} on {data}{which}): SID − greedy (α=1), val-selected "
+                "test accuracy, " + ", ".join(parts) + "."
+            )
+    return lines
 
 
 def pooled_consistency(good: list[Row]) -> list[str]:
-    """SID − greedy pooled over every (dataset, model, blocks) cell, paired by seed: one
-    cell's three seeds cannot separate a 1-point effect from the seed spread, the pooled
-    pairs can. Overall, and per block count when several networks ran it."""
+    """SID − greedy pooled over every (dataset, model, blocks, head) cell, paired by seed:
+    a description, not a test. The cells share seeds (data order, initialisation) and the
+    data split, so their pairs are not independent evidence and no p-value is given."""
     diffs: dict[int, list[float]] = defaultdict(list)
     cells: dict[int, int] = defaultdict(int)
     for grp in by_model(good).values():
-        sid = by([r for r in grp if r["method"] == "sid"], "blocks")
-        greedy = by([r for r in grp if r["method"] == "greedy"], "blocks")
-        for (blocks,) in set(sid) & set(greedy):
-            pairs = paired(sid[(blocks,)], greedy[(blocks,)], "val_selected_test_accuracy")
-            if pairs:
-                diffs[blocks] += pairs
-                cells[blocks] += 1
+        for head in {head_of(r) for r in grp}:
+            sid = by(arm_rows(grp, "sid", head), "blocks")
+            greedy = by(arm_rows(grp, "greedy", head), "blocks")
+            for (blocks,) in set(sid) & set(greedy):
+                pairs = paired(sid[(blocks,)], greedy[(blocks,)], "val_selected_test_accuracy")
+                if pairs:
+                    diffs[blocks] += pairs
+                    cells[blocks] += 1
     if sum(cells.values()) < 2:
         return []  # one cell: consistency_findings already says it
     groups = [("all", [d for b in sorted(diffs) for d in diffs[b]], sum(cells.values()))]
@@ -286,23 +305,63 @@ def pooled_consistency(good: list[Row]) -> list[str]:
     parts = []
     for label, ds, n_cells in groups:
         ahead, behind = sum(d > 0 for d in ds), sum(d < 0 for d in ds)
-        se = statistics.stdev(ds) / math.sqrt(len(ds)) if len(ds) > 1 else 0.0
+        sd = statistics.stdev(ds) if len(ds) > 1 else 0.0
         parts.append(
             f"{label} ({n_cells} cells, {len(ds)} pairs) {100 * statistics.fmean(ds):+.2f} ± "
-            f"{100 * se:.2f}, SID ahead in {ahead}, behind in {behind}, sign test p = "
-            f"{sign_test(ahead, ahead + behind):.2g}"
+            f"{100 * sd:.2f}, SID ahead in {ahead}, behind in {behind}"
         )
     return [
-        "Consistency term pooled over cells: SID − greedy (α=1), val-selected test accuracy, "
-        "paired by seed, mean ± standard error in points: " + "; ".join(parts) + "."
-    ]
+        "Consistency term pooled over cells (descriptive only: the cells share seeds and the "
+        "data split, so the pairs are not independent evidence and no test is made): SID − "
+        "greedy (α=1), val-selected test accuracy, paired by seed, mean ± std in points: "
+        + "; ".join(parts) + "."
+    ]  # fmt: skip
+
+
+def _diff_row(data: str, model: str, blocks: Any, what: str, a: list[Row], b: list[Row]):
+    val = paired(a, b, "val_selected_test_accuracy")
+    last = paired(a, b, "test_accuracy")
+    if not val and not last:
+        return None
+    seeds = " / ".join(f"{100 * d:+.1f}" for d in val) or "–"
+    return [data, model, blocks, what, pct(val, signed=True), pct(last, signed=True), seeds]
+
+
+def paired_table(good: list[Row]) -> tuple[list[str], list[list[Any]]]:
+    """Every paired difference per cell (dataset, model, blocks), in points, mean ± std over
+    seeds, for validation-selected and last-epoch test accuracy, with the per-seed values:
+    each local arm − BP, SID − greedy per head, and each head − pool per method."""
+    header = ["data", "model", "blocks", "difference", "val-selected", "last epoch",
+              "per seed (val-selected)"]  # fmt: skip
+    body = []
+    for (data, model), grp in sorted(by_model(good).items()):
+        bp = [r for r in grp if r["method"] == "bp"]
+        arms = local_arms(grp)
+        heads = sorted({h for _, h, _ in arms}, key=lambda h: (h != "pool", h))
+        for k in sorted({r["blocks"] for r in grp if r["method"] in LOCAL_METHODS}):
+            cell = [r for r in grp if r.get("blocks") == k]
+            pairs = [(f"{label} − BP", arm_rows(cell, m, h), bp) for m, h, label in arms]
+            for h in heads:
+                which = f" ({h} head)" if len(heads) > 1 else ""
+                pairs.append((f"SID − greedy{which}", arm_rows(cell, "sid", h),
+                              arm_rows(cell, "greedy", h)))  # fmt: skip
+            for m, name in LOCAL_METHODS.items():
+                for h in heads[1:]:
+                    pairs.append((f"{name}: {h} − pool head", arm_rows(cell, m, h),
+                                  arm_rows(cell, m, "pool")))  # fmt: skip
+            for what, a, b in pairs:
+                row_ = _diff_row(data, model, k, what, a, b)
+                if row_:
+                    body.append(row_)
+    return header, body
 
 
 def anchor_table(good: list[Row]) -> tuple[list[str], list[list[Any]]]:
     """This study's val-selected gaps to BP per block count next to the published ones."""
     names = list(PUBLISHED_GAPS)
+    arms = local_arms(good) or [(m, "pool", n) for m, n in LOCAL_METHODS.items()]
     header = ["data", "model", "blocks",
-              *[f"{n} − BP (this study)" for n in LOCAL_METHODS.values()],
+              *[f"{label} − BP (this study)" for _, _, label in arms],
               *[f"{n} − BP (published)" for n in names]]  # fmt: skip
     body = []
     for (data, model), grp in sorted(by_model(good).items()):
@@ -310,8 +369,8 @@ def anchor_table(good: list[Row]) -> tuple[list[str], list[list[Any]]]:
         blocks = sorted({r["blocks"] for r in grp if r["method"] in LOCAL_METHODS})
         for k in blocks:
             cells = []
-            for method in LOCAL_METHODS:
-                local = [r for r in grp if r["method"] == method and r["blocks"] == k]
+            for method, head, _ in arms:
+                local = [r for r in arm_rows(grp, method, head) if r["blocks"] == k]
                 gap = paired(local, bp, "val_selected_test_accuracy")
                 cells.append(pct(gap, signed=True) if gap else "–")
             published = [f"{PUBLISHED_GAPS[n][k]:+.1f}" if k in PUBLISHED_GAPS[n] else "–"

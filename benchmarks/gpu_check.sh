@@ -50,7 +50,7 @@ timeout 300 "$PY" -m pytest -q -p no:cacheprovider tests/test_graphs.py 2>&1 | t
 for graphs in false true; do
     echo "== step times, pipeline.cuda_graphs=$graphs"
     timeout 240 "$PY" -m sidpipe.cli bench bench.mode=simulate model=resnet18 data=synthetic \
-        device=cuda precision=bf16 pipeline.cuda_graphs=$graphs \
+        device=cuda precision=bf16 pipeline.cuda_graphs=$graphs pipeline.threads=1 \
         "bench.stages=[4]" "bench.microbatches=[4,8]" bench.batch_size=256 \
         bench.out_dir=/tmp/gpu_check/out-$graphs hydra.run.dir=/tmp/gpu_check/run-$graphs \
         2>&1 | tail -30
@@ -94,7 +94,7 @@ cp /tmp/gpu_check/sim-measured/bench.md "$OUT/sim-measured-cpu-s2.md"
 cp /tmp/gpu_check/sim-vs-measured/README.md "$OUT/sim-vs-measured-cpu-s2.md"
 echo "== ResNet-18 on the GPU, SIMULATED S=4/8, partition=auto"
 timeout 240 "$PY" -m sidpipe.cli bench bench.mode=simulate model=resnet18 data=synthetic \
-    device=cuda pipeline.partition=auto "bench.stages=[4,8]" "bench.microbatches=[1,4,8,16]" \
+    device=cuda pipeline.partition=auto pipeline.threads=1 "bench.stages=[4,8]" "bench.microbatches=[1,4,8,16]" \
     bench.batch_size=256 bench.out_dir=/tmp/gpu_check/sim-r18 \
     hydra.run.dir=/tmp/gpu_check/run-sim-r18 2>&1 | tail -5
 cp /tmp/gpu_check/sim-r18/bench.md "$OUT/simulated-resnet18-gpu.md"

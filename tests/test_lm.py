@@ -7,6 +7,11 @@ pipeline on the same partition against single-process BP.
 
 from __future__ import annotations
 
+import os
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -17,14 +22,16 @@ from sidpipe.data import TextBatches, load_data, train_batches
 from sidpipe.drivers.sid import from_wire, to_wire
 from sidpipe.drivers.single import train_single
 from sidpipe.errors import ConfigError, DataError
-from sidpipe.export import evaluate_model, export_model, generate_text, load_exported
-from sidpipe.export import main as export_main
+from sidpipe.export import export_model
+from sidpipe.inference import evaluate_model, generate_text
+from sidpipe.inference import main as inference_main
 from sidpipe.method.anytime import exit_depths, generate
 from sidpipe.method.loss import sid_loss
 from sidpipe.models import build_model
 from sidpipe.runtime.io import load_state
 from sidpipe.runtime.transport import Kind, Message
-from tests.conftest import read_summary, run_cli
+from sidpipe.saved import load_exported
+from tests.conftest import REPO, read_summary, run_cli
 from tests.drivers.test_sid_runner import run_stages
 
 WORDS = "to be or not that is the question whether tis nobler in mind suffer".split()
@@ -41,10 +48,11 @@ def text_file(tmp_path_factory) -> Path:
 
 
 def lm(text_file: Path, *more: str) -> list[str]:
+    # threads=1: a single-process reference sums in the same order as each 1-thread stage
     return ["model=gpt", "data=text", f"data.path={text_file}", "data.context=16",
             "model.width=32", "model.depth=4", "model.heads=2", "train.batch_size=8",
             "train.eval_batch_size=64", "train.epochs=2", "train.max_steps=12",
-            "progress=false", *more]  # fmt: skip
+            "progress=false", "pipeline.threads=1", *more]  # fmt: skip
 
 
 # ---------------------------------------------------------------------------- data
@@ -208,6 +216,13 @@ def test_bp_pipeline_on_gpt_equals_single_process_bp(text_file, tmp_path, schedu
     s2 = read_summary(tmp_path / "pipe")
     assert s2["per_depth_bpb"] == pytest.approx(s1["per_depth_bpb"], rel=1e-4)
     assert "bits/byte" in pipe.stdout + pipe.stderr
+    if schedule == "1f1b":  # the pipeline saves only the head BP trains: still usable
+        exported = export_model(tmp_path / "pipe", tmp_path / "bp.pt")
+        r = evaluate_model(exported, [], plot=None)
+        assert r["test_bpb"] == pytest.approx(s2["test_bpb"], rel=1e-4)
+        single = export_model(tmp_path / "seq", tmp_path / "seq.pt")
+        g = [generate_text(m, "to be", 12, None, None, 0.0, 7) for m in (exported, single)]
+        assert g[0] == g[1] and g[0][1] == [4] * 12  # the same text, from the last module
 
 
 # ---------------------------------------------------------------------------- anytime inference
@@ -254,11 +269,17 @@ def test_generate_errors_are_one_line(exported, tmp_path, capsys):
     for args, message in [
         ([str(exported), "--depth=9"], "--depth=9 must be in 1..4"),
         ([str(exported), "--threshold=0"], "must be a probability in (0, 1]"),
-        ([str(exported), "--tokens=x"], "is not an integer"),
-        ([str(exported), "--depth=1", "--threshold=0.5"], "not both"),
+        ([str(exported), "--tokens=x"], "invalid int value: 'x'"),
+        ([str(exported), "--depth=1", "--threshold=0.5"], "not allowed with argument --depth"),
+        ([str(exported), "--tokens=1000000000"], "--tokens=1000000000 must be in 1..100,000"),
+        ([str(exported), "--seed=-1"], "--seed=-1 must be in 0..2**63-1"),
+        ([str(exported), "--seed=99999999999999999999999"], "must be in 0..2**63-1"),
+        ([str(exported), "--temperature=inf"], "must be a finite number >= 0"),
+        ([str(exported), "--temperature=-1e308"], "must be a finite number >= 0"),
+        ([str(exported), "--bogus=1"], "unrecognized arguments: --bogus=1"),
     ]:
         with pytest.raises(SystemExit):
-            export_main("generate", args)
+            inference_main("generate", args)
         err = capsys.readouterr().err
         assert message in err and err.count("\n") == 1, err
     digits_run = tmp_path / "digits"
@@ -268,6 +289,14 @@ def test_generate_errors_are_one_line(exported, tmp_path, capsys):
     export_model(digits_run, tmp_path / "mlp.pt")
     with pytest.raises(ConfigError, match="classifier; generate samples from language models"):
         generate_text(tmp_path / "mlp.pt", "", 5, None, None, 1.0, 0)
+
+
+def test_eval_on_data_of_the_other_kind_says_so(exported, tmp_path):
+    with pytest.raises(ConfigError) as e:
+        evaluate_model(exported, ["data=digits"])
+    msg = str(e.value)
+    assert "language model: it reads text" in msg and "not data=digits" in msg, msg
+    assert "data.path" not in msg
 
 
 def test_resumed_lm_run_equals_uninterrupted(text_file, sequential, tmp_path, caplog):
@@ -281,3 +310,25 @@ def test_resumed_lm_run_equals_uninterrupted(text_file, sequential, tmp_path, ca
     assert "at step 5" in caplog.text  # it resumed, rather than trained anew
     a, b = load_state(seq_dir), load_state(tmp_path)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.multiprocess
+def test_ctrl_c_in_generate_is_one_line(exported):
+    """A long generation stopped with Ctrl-C: one line, exit 130, no traceback."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "sidpipe.cli", "generate", str(exported), "--tokens=100000"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+        # as at a terminal: a background job (CI's) inherits SIGINT ignored, and Python then
+        # installs no KeyboardInterrupt handler
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )  # fmt: skip
+    try:
+        time.sleep(15)  # imports, the model read, then sampling (100,000 tokens take minutes)
+        assert proc.poll() is None, proc.communicate()
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode == 130, err
+    assert err == "sidpipe: error: interrupted by SIGINT\n", err

@@ -11,6 +11,8 @@ import matplotlib
 matplotlib.use("Agg")  # files only, no display
 import matplotlib.pyplot as plt  # noqa: E402
 
+from sidpipe.runtime.io import mib  # noqa: E402
+
 SCHEME_LABEL = {"sid": "SID pipeline", "gpipe": "GPipe (BP)", "1f1b": "1F1B (BP)",
                 "interleaved_1f1b": "Interleaved 1F1B (BP)", "looped_bfs": "Looped BFS (BP)",
                 "interleaved_zb": "Interleaved zero bubble (BP)", "zbv": "ZBV zero bubble (BP)",
@@ -23,10 +25,6 @@ COLORS = {"forward": "#4c72b0", "backward+step": "#dd8452", "compute": "#4c72b0"
           "forward+backward": "#4c72b0", "step": "#8172b3", "send": "#55a868",
           "recv-wait": "#d9d9d9", "recv": "#a6cee3", "send-wait": "#c44e52",
           "backward": "#dd8452"}  # fmt: skip
-
-
-def _mib(x: float) -> str:
-    return f"{x / 2**20:.1f}"
 
 
 def _opt(r: dict[str, Any], key: str, fmt: str = "{:.2f}") -> str:
@@ -142,7 +140,7 @@ def markdown(result: dict[str, Any]) -> str:
         vs_best = f"{min(ratios):.2f}" if ratios else ""
         spread = (f" [{r['samples_per_s_min']:.0f}–{r['samples_per_s_max']:.0f}]"
                   if "samples_per_s_min" in r else "")  # fmt: skip
-        mem = "/".join(_mib(x) for x in r.get("peak_tensor_memory_bytes", []))
+        mem = "/".join(mib(x) for x in r.get("peak_tensor_memory_bytes", []))
         lines.append(
             f"| {SCHEME_LABEL[r['scheme']]} | {r['stages'] if r['scheme'] in PIPELINES else 1} | "
             f"{r['microbatches']} | {r['samples_per_s']:.0f}{spread} | {_opt(r, 'efficiency')} | "

@@ -53,6 +53,7 @@ from sidpipe.models import BlockNet, build_net
 from sidpipe.models.partition import StageModule, partition_blocks
 from sidpipe.runtime.device import select_device, set_threads
 from sidpipe.runtime.io import timed_call
+from sidpipe.runtime.wire import wire_nbytes
 
 # One message between two processes costs this much beyond bytes / bandwidth: half the
 # round trip of a 4-byte gloo send/recv between two processes pinned to two cores of the
@@ -189,7 +190,7 @@ def measure_stage_times(
             h_sid, p, _ = stage_mod(h_sid, p)
             h_bp = module(h_bp)
         last = stage_mod.is_last
-        out.append(StageTimes(*sid, *bp, sid_bytes=0 if last else _nbytes(h_sid, p, y),
+        out.append(StageTimes(*sid, *bp, sid_bytes=0 if last else wire_nbytes(cfg, h_sid, p, y),
                               bp_bytes=0 if last else _nbytes(h_bp)))  # fmt: skip
     return out
 

@@ -39,9 +39,19 @@ from sidpipe import drivers
 from sidpipe.bench.balance import plan_partition
 from sidpipe.bench.report import markdown, write_outputs
 from sidpipe.bench.simulate import simulated_rows
-from sidpipe.config import CONF_DIR, Config, Method, Schedule, Variant, to_config, to_dict
+from sidpipe.config import (
+    CONF_DIR,
+    Config,
+    Method,
+    Schedule,
+    Variant,
+    check_command_line,
+    to_config,
+    to_dict,
+)
 from sidpipe.errors import ConfigError, SidpipeError, fail
 from sidpipe.runtime.io import atomic_write_json
+from sidpipe.runtime.lock import exclusive
 
 log = logging.getLogger("sidpipe.bench")
 
@@ -347,7 +357,20 @@ def versions() -> dict[str, str]:
 
 
 def run_bench(cfg: Config, command: list[str], run_dir: Path) -> dict[str, Any]:
+    """Every case of the grid, in this order, into bench.out_dir (locked meanwhile: two
+    benches writing one directory would mix their results)."""
+    if cfg.pipeline.threads == "auto":
+        # Every scheme runs with the same threads per stage process, the bench's recorded
+        # setting: auto would hand the single-process references S times a stage's cores.
+        cfg.pipeline.threads = 1
     out = out_dir(cfg, run_dir)
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"bench.out_dir={out} is a file; give a directory")
+    with exclusive(out, "bench"):
+        return _run_bench(cfg, command, out)
+
+
+def _run_bench(cfg: Config, command: list[str], out: Path) -> dict[str, Any]:
     runs_dir = out / "runs"
     if cfg.bench.mode == "simulate":
         rows = simulated_rows(cfg)
@@ -381,6 +404,10 @@ def main() -> None:
         if arg.split("=", 1)[0] in BARE_KEYS:
             sys.argv[i] = "bench." + arg
     command = ["sidpipe", "bench", *sys.argv[1:]]
+    try:  # one line for a mistake, before hydra.main's seven (sidpipe/config.py)
+        check_command_line(sys.argv[1:])
+    except SidpipeError as e:
+        fail(str(e))
 
     @hydra.main(version_base=None, config_path=CONF_DIR, config_name="config")
     def _main(dcfg: DictConfig) -> None:

@@ -7,6 +7,6 @@ OUT=${1:-/tmp/lm-quality}
 PY=${PY:-.venv/bin/python}
 DATA=${DATA:-../shared/data}
 export OMP_NUM_THREADS=1
-$PY -m sidpipe.cli train experiment=lm_small data.root=$DATA pipeline.stages=2 \
+$PY -m sidpipe.cli train experiment=lm_small data.root=$DATA pipeline.stages=2 pipeline.threads=1 \
   pipeline.belief_dtype=bf16 model.blocks=4 seed=0 train.eval_every_steps=250 progress=false \
   hydra.run.dir=$OUT/sid-k4-s0-bf16wire

@@ -6,7 +6,7 @@ set -euo pipefail
 OUT=${1:-/tmp/lm-long}
 PY=${PY:-.venv/bin/python}
 DATA=${DATA:-../shared/data}
-COMMON="experiment=lm_small data.root=$DATA pipeline.stages=1 train.max_steps=2000 train.epochs=2 train.eval_every_steps=1000 train.eval_every_epoch=false progress=false seed=0"
+COMMON="experiment=lm_small data.root=$DATA pipeline.stages=1 pipeline.threads=1 train.max_steps=2000 train.epochs=2 train.eval_every_steps=1000 train.eval_every_epoch=false progress=false seed=0"
 export OMP_NUM_THREADS=1
 $PY -m sidpipe.cli train $COMMON model.blocks=4 hydra.run.dir=$OUT/sid-k4-s0 > $OUT-sid.log 2>&1 &
 $PY -m sidpipe.cli train $COMMON method=bp pipeline.microbatches=1 hydra.run.dir=$OUT/bp-s0 > $OUT-bp.log 2>&1 &

@@ -8,7 +8,7 @@ set -euo pipefail
 OUT=${1:-/tmp/lm-quality}
 PY=${PY:-.venv/bin/python}
 DATA=${DATA:-../shared/data}
-COMMON="experiment=lm_small data.root=$DATA pipeline.stages=1 train.eval_every_steps=250 progress=false"
+COMMON="experiment=lm_small data.root=$DATA pipeline.stages=1 pipeline.threads=1 train.eval_every_steps=250 progress=false"
 export OMP_NUM_THREADS=1
 for seed in 0 1; do
   for k in 4 2; do

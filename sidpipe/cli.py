@@ -40,10 +40,14 @@ def main(argv: list[str] | None = None) -> None:
         from sidpipe.train import main as train_main
 
         train_main()
-    elif command in ("export", "eval", "generate"):
+    elif command == "export":
         from sidpipe.export import main as export_main
 
-        export_main(command, argv)
+        export_main(argv)
+    elif command in ("eval", "generate"):
+        from sidpipe.inference import main as inference_main
+
+        inference_main(command, argv)
     elif command == "bench":
         from sidpipe.bench.throughput import main as bench_main
 

@@ -8,10 +8,12 @@ start-up runs those checks; tests build ``Config(...)`` directly and get the sam
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import os
+from dataclasses import dataclass, field, fields, is_dataclass
+from difflib import get_close_matches
 from enum import Enum
 from pathlib import Path
-from typing import Any
+from typing import Any, get_origin, get_type_hints
 
 from hydra.core.config_store import ConfigStore
 
@@ -25,6 +27,19 @@ DATASET_NAMES = ("digits", "mnist", "fashion_mnist", "cifar10", "cifar100", "syn
 # position; the models that read them are the language models
 TEXT_DATASETS = ("shakespeare", "text")
 LANGUAGE_MODELS = ("gpt",)
+TOKENIZERS = ("bytes", "bpe")  # data.tokenizer of the text sets
+BYTES_VOCAB = 256
+MAX_VOCAB = 1 << 20  # data.vocab_size: far beyond any LM vocabulary, a guard against typos
+
+
+def text_vocab(data: Any) -> int:
+    """V of a text set's config: 256 bytes, or data.vocab_size for a BPE."""
+    return BYTES_VOCAB if getattr(data, "tokenizer", "bytes") == "bytes" else int(data.vocab_size)
+
+# model.head: the belief head of every block (sidpipe/models/heads.py). spatial and conv read
+# a convnet's (C,H,W) maps, so the zoo models whose blocks give vectors or tokens take pool
+HEAD_KINDS = ("pool", "spatial", "conv")
+VECTOR_MODELS = ("mlp", "vit_tiny", "gpt")
 
 
 def _check(ok: bool, message: str) -> None:
@@ -104,6 +119,13 @@ class ModelConfig:
     depth: int = 4  # mlp layers; gpt transformer layers (one natural block each)
     heads: int = 4  # gpt attention heads
     head_hidden: int = 256  # belief-head hidden width; 0 = linear head
+    # belief head of every block: pool (global average pool + MLP) | spatial (DGL's MLP-SR:
+    # 1x1 convs on a reduced map, 2x2 kept) | conv (InfoPro's: 3x3 stride-2 conv, then FCs)
+    head: str = "pool"
+    # channels of the spatial/conv heads' convs: max(C, head_width). A floor for narrow early
+    # blocks: at 32 the spatial head is <= 5% of every ResNet-18 (width 8) stage's FLOPs at 4
+    # blocks, at 128 up to 33% (benchmarks/results/head-cost-2026-12-03)
+    head_width: int = 32
     # model=custom: "pkg.module:function" (or "pkg.module.function"), called as
     # function(in_shape=(C, H, W), num_classes=K, **kwargs) -> list of nn.Module layers
     target: str | None = None
@@ -137,6 +159,16 @@ class ModelConfig:
         )
         _check(self.head_hidden >= 0, f"model.head_hidden must be >= 0 (got {self.head_hidden})")
         _check(
+            self.head in HEAD_KINDS,
+            f"model.head={self.head!r} is unknown; choose one of {', '.join(HEAD_KINDS)}",
+        )
+        _check(self.head_width >= 1, f"model.head_width must be >= 1 (got {self.head_width})")
+        _check(
+            self.head == "pool" or self.name not in VECTOR_MODELS,
+            f"model.head={self.head} reads convnet maps (C,H,W), but model={self.name}'s "
+            "blocks give vectors or tokens: use model.head=pool",
+        )
+        _check(
             (self.name == "custom") == (self.target is not None),
             "model=custom needs model.target=pkg.module:function"
             if self.name == "custom"
@@ -158,6 +190,14 @@ class DataConfig:
     # model's context length) and their next bytes
     path: str | None = None
     context: int = 128
+    # text sets: how text becomes tokens. bytes: V = 256, no file. bpe: a byte-level BPE of
+    # data.vocab_size tokens trained on the training split (sidpipe/tokenizer.py), cached;
+    # data.tokenizer_path uses that file instead (checked against data.tokenizer_sha256 when
+    # set; `sidpipe eval` sets both to the tokenizer an export carries)
+    tokenizer: str = "bytes"
+    vocab_size: int | None = None
+    tokenizer_path: str | None = None
+    tokenizer_sha256: str | None = None
 
     def __post_init__(self) -> None:
         _check(
@@ -181,6 +221,42 @@ class DataConfig:
             "data=text needs data.path=FILE (the text to train on)"
             if self.name == "text"
             else f"data.path applies to data=text only (data.name={self.name!r})",
+        )
+        self._check_tokenizer()
+
+    def _check_tokenizer(self) -> None:
+        _check(
+            self.tokenizer in TOKENIZERS,
+            f"data.tokenizer={self.tokenizer!r} must be one of {', '.join(TOKENIZERS)}",
+        )
+        text = self.name in TEXT_DATASETS
+        _check(
+            text or self.tokenizer == "bytes",
+            f"data.tokenizer applies to text sets (data=shakespeare or data=text), not "
+            f"data={self.name}",
+        )
+        bpe = self.tokenizer == "bpe"
+        if not bpe:
+            _check(
+                self.vocab_size in (None, BYTES_VOCAB),
+                f"data.vocab_size={self.vocab_size} needs data.tokenizer=bpe (bytes have "
+                f"{BYTES_VOCAB} tokens)",
+            )
+            for key in ("tokenizer_path", "tokenizer_sha256"):
+                _check(getattr(self, key) is None, f"data.{key} applies to data.tokenizer=bpe")
+            return
+        _check(self.vocab_size is not None,
+               "data.tokenizer=bpe needs data.vocab_size=N (e.g. 2048)")  # fmt: skip
+        assert self.vocab_size is not None
+        _check(
+            BYTES_VOCAB < self.vocab_size <= MAX_VOCAB,
+            f"data.vocab_size must be in {BYTES_VOCAB + 1}..{MAX_VOCAB} for a byte-level BPE "
+            f"(its first {BYTES_VOCAB} tokens are the bytes; got {self.vocab_size})",
+        )
+        sha = self.tokenizer_sha256
+        _check(
+            sha is None or (len(sha) == 64 and all(c in "0123456789abcdef" for c in sha)),
+            f"data.tokenizer_sha256 must be 64 lowercase hex digits (got {sha!r})",
         )
 
 
@@ -222,7 +298,9 @@ class PipelineConfig:
     transport: Transport = Transport.auto
     trace: bool = False  # Chrome-trace JSON of every stage's spans
     reuse_buffers: bool = True  # SID: receive h and p into the same buffers every message
-    threads: int = 1  # torch threads per stage process
+    # torch threads per stage process: N, or auto = this machine's cores (the process's CPU
+    # affinity) shared among the stages on it, at least 1 each (sidpipe/runtime/device.py)
+    threads: Any = "auto"
     cpu_affinity: bool = False  # pin stage r to cores [r*threads, (r+1)*threads): one "device" each
     cuda_graphs: bool = False  # SID: replay each stage step as CUDA graphs (static shapes)
     # SID: the format beliefs travel in between stages. bf16 halves their bytes (a language
@@ -232,8 +310,21 @@ class PipelineConfig:
     # SID: message headers on their own gloo group in host memory, so reading one never waits
     # for the GPU; None = exactly when the payloads go over NCCL
     host_headers: bool | None = None
+    # SID: send each belief as its k largest values, their indices and the remaining mass;
+    # the receiver spreads that mass evenly over the other V-k classes. Lossy, so off (null)
+    # by default; applied at every module boundary, the single-process run too, so the
+    # pipeline still equals the sequential run (docs/design.md §9)
+    belief_topk: int | None = None
+    # A stage that dies (an exception, a kill, a lost node) restarts the whole pipeline from
+    # the run's newest verified checkpoint, at most this many times; then the run fails with
+    # the last failure's reason. Under torchrun pass the same number as --max-restarts.
+    max_restarts: int = 0
 
     def __post_init__(self) -> None:
+        _check(
+            isinstance(self.max_restarts, int) and 0 <= self.max_restarts <= 1000,
+            f"pipeline.max_restarts must be an integer from 0 to 1000 (got {self.max_restarts})",
+        )
         _check(self.stages >= 1, f"pipeline.stages must be >= 1 (got {self.stages})")
         _check(
             self.microbatches >= 1, f"pipeline.microbatches must be >= 1 (got {self.microbatches})"
@@ -250,7 +341,21 @@ class PipelineConfig:
             f"pipeline.auto_bandwidth_gbs must be a finite number > 0 (got "
             f"{self.auto_bandwidth_gbs})",
         )
-        _check(self.threads >= 1, f"pipeline.threads must be >= 1 (got {self.threads})")
+        _check(
+            self.threads == "auto"
+            or (isinstance(self.threads, int) and not isinstance(self.threads, bool)
+                and self.threads >= 1),
+            f"pipeline.threads must be auto or an integer >= 1 (got {self.threads!r})",
+        )  # fmt: skip
+        _check(
+            self.belief_topk is None or self.belief_topk >= 1,
+            f"pipeline.belief_topk must be >= 1 or null (got {self.belief_topk})",
+        )
+        _check(
+            self.belief_topk is None or self.belief_dtype is Precision.fp32,
+            "pipeline.belief_topk sends fp32 values; it does not combine with "
+            "pipeline.belief_dtype=bf16",
+        )
         if isinstance(self.partition, str):
             _check(
                 self.partition == "auto",
@@ -392,6 +497,8 @@ class BenchConfig:
             self.mode in ("throughput", "tta", "simulate"),
             f"bench.mode={self.mode!r} must be throughput, tta or simulate",
         )
+        for key in ("stages", "microbatches", "schemes"):  # an empty grid measures nothing
+            _check(bool(getattr(self, key)), f"bench.{key}=[] is empty: list at least one")
         bad = [x for x in self.schemes if x not in BENCH_SCHEMES]
         _check(not bad, f"bench.schemes has unknown {bad}; choose from {', '.join(BENCH_SCHEMES)}")
         _check(
@@ -444,6 +551,12 @@ class StudyConfig:
     # as configured, 0.5 by default); greedy = greedy local learning, SID with sid.alpha=1 (the
     # label term only: each module trained alone, its head still reads the previous belief)
     methods: list[str] = field(default_factory=lambda: ["sid"])
+    # blockwise: the belief heads (model.head) each local method runs with; BP keeps the
+    # default head. A pool run's name has no head in it, so earlier studies' runs are reused
+    heads: list[str] = field(default_factory=lambda: ["pool"])
+    # blockwise: train the end-to-end BP baseline too (false: only the local methods, as a
+    # study that runs one cell at a time at that cell's own lr does)
+    baseline: bool = True
     subset: int | None = None  # data.subset of every run: the first N training samples
     val_fraction: float = 0.1
     noise: list[float] = field(default_factory=lambda: [0.0, 0.2, 0.4])
@@ -467,6 +580,11 @@ class StudyConfig:
             f"study.name={self.name!r} must be one of {', '.join(studies)}",
         )
         _check(len(self.seeds) >= 1, "study.seeds must list at least one seed")
+        # an empty grid runs nothing (study.blocks=[] is meaningful: the blockwise study's BP
+        # runs alone, as cifar10_convnets.sh's bp-epochs part uses it)
+        for key in ("models", "noise", "alphas", "kl"):
+            _check(bool(getattr(self, key)), f"study.{key}=[] is empty: list at least one")
+        _check(self.datasets != [], "study.datasets=[] is empty: list at least one")
         _check(
             self.epochs is None or self.epochs >= 1,
             f"study.epochs must be >= 1 (got {self.epochs})",
@@ -494,6 +612,11 @@ class StudyConfig:
         _check(
             bool(self.methods) and not bad,
             f"study.methods={list(self.methods)} must list some of {', '.join(STUDY_METHODS)}",
+        )
+        bad = [h for h in self.heads if h not in HEAD_KINDS]
+        _check(
+            bool(self.heads) and not bad and len(set(self.heads)) == len(self.heads),
+            f"study.heads={list(self.heads)} must list some of {', '.join(HEAD_KINDS)}, each once",
         )
         _check(
             all(0.0 <= r < 1.0 for r in self.noise),
@@ -554,6 +677,12 @@ class Config:
             not (text and self.method is Method.sid and self.sid.variant is Variant.shared),
             "sid.variant=shared is the reference image network; language models train blockwise",
         )
+        if self.sid.variant is Variant.shared:  # its network is the reference's, BP's too
+            _check(
+                self.model.head == "pool",
+                f"model.head={self.model.head} applies to blockwise models; sid.variant=shared "
+                "is the reference network with its own belief modules",
+            )
         if self.method is Method.sid and self.sid.variant is Variant.shared:
             _check(
                 self.pipeline.stages == 1,
@@ -586,6 +715,19 @@ class Config:
                 f"pipeline.partition={list(pipe.partition)} must list {n - 1} cut points "
                 f"(one fewer than the {n} pipeline stages)",
             )
+        if self.pipeline.belief_topk is not None:
+            _check(
+                self.method is Method.sid and self.sid.variant is Variant.blockwise,
+                "pipeline.belief_topk compresses the beliefs SID modules pass on; it applies "
+                "to method=sid sid.variant=blockwise",
+            )
+            if text:
+                v = text_vocab(self.data)
+                _check(
+                    self.pipeline.belief_topk < v,
+                    f"pipeline.belief_topk={self.pipeline.belief_topk} must be below the "
+                    f"vocabulary size {v}",
+                )
         _check(
             not (self.pipeline.host_headers and self.method is Method.bp),
             "pipeline.host_headers=true applies to SID pipelines; method=bp sends with "
@@ -674,6 +816,124 @@ def to_config(dcfg: Any) -> Config:
     return cfg
 
 
+def _schema_keys(node: type, prefix: str = "") -> tuple[list[str], list[str]]:
+    """Every dotted key of a config dataclass (sections too), and the open sections: those
+    typed as a dict, which take keys of the user's choosing (model.kwargs)."""
+    keys: list[str] = []
+    open_sections: list[str] = []
+    hints = get_type_hints(node)
+    for f in fields(node):
+        key, hint = prefix + f.name, hints[f.name]
+        keys.append(key)
+        if is_dataclass(hint):
+            sub_keys, sub_open = _schema_keys(hint, key + ".")  # type: ignore[arg-type]
+            keys += sub_keys
+            open_sections += sub_open
+        elif get_origin(hint) is dict:
+            open_sections.append(key)
+    return keys, open_sections
+
+
+SCHEMA_KEYS, OPEN_SECTIONS = _schema_keys(Config)
+# the keys that hold a value: a typo is suggested one of these, not a section (`model`)
+LEAF_KEYS = [k for k in SCHEMA_KEYS if not any(s.startswith(k + ".") for s in SCHEMA_KEYS)]
+
+
+def _group_options(group: str) -> list[str] | None:
+    """The options of a config group (conf/<group>/*.yaml), None when it is no group of ours."""
+    folder = Path(CONF_DIR) / group
+    if not folder.is_dir():
+        return None
+    return sorted(p.stem for p in folder.glob("*.yaml"))
+
+
+def check_overrides(overrides: list[str]) -> None:
+    """Refuse an unknown key or group option in one line that names the nearest valid one.
+
+    hydra's own message for a typo is seven lines whose advice (`To append to your config
+    use +model.widht=3`) is wrong for a typo, and `+model.widht=3` is silently accepted; so
+    every command checks its overrides against the schema first. Overrides hydra cannot
+    parse, hydra's own keys and sweeps of group options are left to hydra's messages."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    parser = OverridesParser.create()
+    for text in overrides:
+        try:
+            override = parser.parse_override(text)
+        except Exception:  # bad syntax, or a hydra flag's value: hydra reports those
+            continue
+        key = override.key_or_group
+        if key == "hydra" or key.startswith(("hydra.", "hydra/")):
+            continue
+        options = _group_options(key)
+        if options is not None:
+            value = None if override.is_sweep_override() else override.value()
+            if isinstance(value, str) and value not in options:
+                near = get_close_matches(value, options, n=1)
+                hint = f"did you mean '{key}={near[0]}'? " if near else ""
+                raise ConfigError(
+                    f"unknown option '{key}={value}' ({hint}choose one of {', '.join(options)})"
+                )
+            continue
+        if key in SCHEMA_KEYS or any(key.startswith(s + ".") for s in OPEN_SECTIONS):
+            continue
+        near = get_close_matches(key, LEAF_KEYS, n=1)
+        hint = f"did you mean '{near[0]}'?" if near else "`sidpipe train --cfg job` lists the keys"
+        raise ConfigError(f"unknown key '{key}' ({hint})")
+
+
+def check_command_line(args: list[str]) -> None:
+    """What a hydra app (train, bench) would be given, checked before hydra sees it, so a
+    mistake is one line. Plain overrides are composed in full (types, ranges, cross-field
+    rules, as `to_config` checks them); with hydra flags (--multirun, --cfg, -cn NAME) only
+    the keys are checked and hydra reports the rest."""
+    if any(a.startswith("-") for a in args):
+        check_overrides(args)
+    else:
+        compose_config(args)
+        check_run_dir(args)
+
+
+def _exists(path: Path) -> bool:
+    try:
+        return path.exists()
+    except OSError:  # a name too long: not there, checked below
+        return False
+
+
+def check_run_dir(overrides: list[str]) -> Path:
+    """hydra.run.dir resolved and checked as hydra will create it (its own failures there are a
+    traceback): a broken `${...}`, a path under a file, a name too long or a read-only place
+    is one line here. Returns the directory."""
+    from hydra import compose, initialize_config_dir
+
+    with initialize_config_dir(config_dir=CONF_DIR, version_base=None):
+        try:
+            dcfg = compose(config_name="config", overrides=list(overrides),
+                           return_hydra_config=True)  # fmt: skip
+        except Exception as e:  # noqa: BLE001 - hydra's own errors, as compose_config says
+            raise ConfigError(hydra_error_line(e)) from None
+    try:
+        run_dir = Path(str(dcfg.hydra.run.dir))
+    except Exception as e:  # noqa: BLE001 - an interpolation that does not resolve
+        what = " ".join(str(e).splitlines()[0].split())
+        raise ConfigError(f"hydra.run.dir cannot be resolved: {what}") from None
+    # checked, not created: the default name holds the time, and hydra creates its own
+    problem, place = "", run_dir.absolute()
+    while place != place.parent and not _exists(place):
+        place = place.parent
+    name_max = os.pathconf(place, "PC_NAME_MAX") if place.is_dir() else 255
+    if not place.is_dir():
+        problem = f"{place} is not a directory"
+    elif any(len(part.encode()) > name_max for part in run_dir.parts):
+        problem = f"a name in it is longer than {name_max} bytes"
+    elif not os.access(place, os.W_OK | os.X_OK):
+        problem = f"{place} is not writable"
+    if problem:
+        raise ConfigError(f"cannot use hydra.run.dir={run_dir}: {problem}")
+    return run_dir
+
+
 def compose_config(
     overrides: list[str], config_dir: str = CONF_DIR, config_name: str = "config"
 ) -> Config:
@@ -682,6 +942,7 @@ def compose_config(
     from hydra import compose, initialize_config_dir
 
     register_configs()
+    check_overrides(overrides)
     with initialize_config_dir(config_dir=config_dir, version_base=None):
         try:
             dcfg = compose(config_name=config_name, overrides=list(overrides))

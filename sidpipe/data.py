@@ -5,7 +5,7 @@ no worker process: rank 0 of the pipeline owns a `Batches` and slices tensors di
 keeps the order of samples a pure function of (seed, epoch), which the pipeline-equivalence
 tests and mid-epoch resume both depend on.
 
-Sources, all offline-first (the README's data section):
+Sources, all offline-first (docs/configuration.md, the data keys):
   digits         sklearn's bundled 8x8 digits (1,797 images), fixed stratified 80/20 split
                  (random_state=0 -> 1,437 train / 360 test). No files, no network.
   mnist          <root>/MNIST/raw/*-idx?-ubyte[.gz], read directly (nothing is written, so a
@@ -41,6 +41,7 @@ from torch import Tensor
 
 from sidpipe.config import DATASET_NAMES, TEXT_DATASETS, Config
 from sidpipe.errors import DataConfigError, DataError
+from sidpipe.tokenizer import TextTokenizer, encode_cached, text_tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -67,7 +68,6 @@ DATASET_SHAPES: dict[str, tuple[tuple[int, int, int], int]] = {
     "synthetic": ((3, 32, 32), 10),
 }
 assert set(DATASET_SHAPES) | set(TEXT_DATASETS) == set(DATASET_NAMES)
-VOCAB = 256  # text sets are bytes: 256 classes at every position
 
 _IDX_FILES = (
     "train-images-idx3-ubyte",
@@ -100,11 +100,27 @@ class TextSplit:
     `context` bytes that follow each (the next-byte targets), so a window spans context+1
     bytes. Its length is the number of disjoint windows (one epoch = about one pass)."""
 
-    data: Tensor  # uint8 (N,)
+    data: Tensor  # token ids (N,): uint8 bytes, or int32 ids of a BPE
     context: int
+    token_bytes: Tensor | None = None  # int64 (V,): bytes per token id; None: bytes (all 1)
 
     def __len__(self) -> int:
         return max(0, (int(self.data.numel()) - 1) // self.context)
+
+    def bytes_per_token(self) -> float:
+        """The mean bytes of text a token of this split stands for (1 for bytes)."""
+        if self.token_bytes is None or not self.data.numel():
+            return 1.0
+        return float(self.token_bytes[self.data.long()].sum()) / self.data.numel()
+
+    def scored_bytes(self) -> int:
+        """The bytes that evaluation's targets stand for (the disjoint windows' next tokens,
+        `TextBatches` in order): bits per byte divide a split's nats by this, so models with
+        different tokenizers compare. For bytes it is the number of targets."""
+        targets = self.data[1 : len(self) * self.context + 1]
+        if self.token_bytes is None:
+            return int(targets.numel())
+        return int(self.token_bytes[targets.long()].sum())
 
 
 @dataclass
@@ -119,6 +135,7 @@ class DataBundle:
     std: tuple[float, ...]
     augment: bool  # random crop (pad 4) + hflip on training batches
     noise_rate: float  # realised fraction of training labels changed by label noise
+    tokenizer: TextTokenizer | None = None  # text sets: how the text became tokens
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -515,45 +532,69 @@ def _read_text(cfg: Any) -> tuple[Path, bytes]:
     return path, raw
 
 
+def _char_boundary(raw: bytes, i: int) -> int:
+    """The first position >= i that starts a UTF-8 character (continuation bytes are
+    10xxxxxx): a BPE split point must not cut a character in two."""
+    while i < len(raw) and raw[i] & 0xC0 == 0x80:
+        i += 1
+    return i
+
+
 def _load_text(cfg: Any, name: str, val_fraction: float, seed: int) -> DataBundle:
     """Contiguous splits, in file order: train | validation | test (the last 5%). Windows
-    never cross a split boundary, so no byte of one split is a target in another."""
+    never cross a split boundary, so no byte of one split is a target in another. With a BPE
+    (data.tokenizer=bpe) the splits are cut on bytes (moved to a character boundary), the
+    tokenizer is trained on the training split's bytes only, and each split is encoded on
+    its own, so no token straddles two splits."""
     for key in ("label_noise", "augment"):
         if getattr(cfg, key, None):
             raise DataConfigError(f"data.{key} does not apply to text (data={name})")
     path, raw = _read_text(cfg)
     context = int(getattr(cfg, "context", 128))
-    data = torch.frombuffer(bytearray(raw), dtype=torch.uint8)
-    n = data.numel()
+    bpe = getattr(cfg, "tokenizer", "bytes") == "bpe"
+    n = len(raw)
     n_test = int(round(TEST_FRACTION * n))
     n_val = int(round(val_fraction * n))
-    n_train = n - n_val - n_test
+    cuts = [n - n_test - n_val, n - n_test]
+    if bpe:
+        try:
+            raw.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise DataError(
+                f"{path} is not UTF-8 text (byte {e.start}): data.tokenizer=bpe reads UTF-8; "
+                "data.tokenizer=bytes reads any file"
+            ) from None
+        cuts = [_char_boundary(raw, c) for c in cuts]
+    spans = {"training": (0, cuts[0]), "validation": (cuts[0], cuts[1]), "test": (cuts[1], n)}
+    tok = text_tokenizer(cfg, raw[: cuts[0]] if bpe else None)
+    token_bytes = tok.token_bytes if bpe else None
+    tokens = {k: encode_cached(tok, raw[a:b]) for k, (a, b) in spans.items()}
     subset = getattr(cfg, "subset", None)
     if subset is not None:  # the first N training windows
-        n_train = min(n_train, subset * context + 1)
-    parts = {"training": (0, n_train), "validation": (n - n_test - n_val, n - n_test),
-             "test": (n - n_test, n)}  # fmt: skip
-    for what, (a, b) in parts.items():
+        tokens["training"] = tokens["training"][: subset * context + 1]
+    unit = "tokens" if bpe else "bytes"
+    for what, ids in tokens.items():
         if what == "validation" and not n_val:
             continue
-        if b - a < context + 1:
+        if ids.numel() < context + 1:
             raise DataConfigError(
                 f"data.context={context} is longer than the {what} split of {path} "
-                f"({b - a} bytes; a window needs context+1): use a shorter data.context or "
-                "a longer text"
+                f"({ids.numel()} {unit}; a window needs context+1): use a shorter data.context "
+                "or a longer text"
             )
-    splits = {k: TextSplit(data[a:b].clone(), context) for k, (a, b) in parts.items()}
+    splits = {k: TextSplit(ids.clone(), context, token_bytes) for k, ids in tokens.items()}
     return DataBundle(
         name=name,
         train=splits["training"],
         val=splits["validation"] if n_val else None,
         test=splits["test"],
         in_shape=(context,),
-        num_classes=VOCAB,
+        num_classes=tok.vocab_size,
         mean=(),
         std=(),
         augment=False,
         noise_rate=0.0,
+        tokenizer=tok,
     )
 
 
@@ -744,6 +785,12 @@ class TextBatches(_EpochBatches):
         self._data = split.data.to(self.device)
         self._offsets = torch.arange(split.context + 1, device=self.device)
 
+    @property
+    def scored_bytes(self) -> int:
+        """The bytes an evaluation pass's targets stand for: the denominator of bits per
+        byte (`TextSplit.scored_bytes`)."""
+        return self.split.scored_bytes()  # type: ignore[union-attr]
+
     def _iter(self, epoch: int, start: int) -> Iterator[tuple[Tensor, Tensor]]:
         bs, t = self.batch_size, self.split.context
         last_start = self._data.numel() - t - 1  # the last window's first byte
@@ -755,6 +802,12 @@ class TextBatches(_EpochBatches):
                 starts = torch.arange(b * bs, min((b + 1) * bs, len(self.split))) * t
             w = self._data[starts.to(self.device)[:, None] + self._offsets].long()
             yield w[:, :-1], w[:, 1:]
+
+
+def text_bytes_per_token(data: DataBundle) -> float | None:
+    """A text set's mean bytes per training token (tokens/s times it is text bytes/s, which
+    compares across tokenizers); None for images."""
+    return data.train.bytes_per_token() if isinstance(data.train, TextSplit) else None
 
 
 def shuffled_batches(data: DataBundle, batch_size: int, seed: int) -> Batches | TextBatches:

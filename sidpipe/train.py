@@ -18,9 +18,9 @@ from omegaconf import DictConfig
 
 from sidpipe import drivers
 from sidpipe.bench.balance import plan_partition
-from sidpipe.config import CONF_DIR, Config, register_configs, to_config
+from sidpipe.config import CONF_DIR, Config, check_command_line, register_configs, to_config
 from sidpipe.drivers.summary import format_report
-from sidpipe.errors import Interrupted, SidpipeError, fail, raise_interrupted
+from sidpipe.errors import Interrupted, Preempted, SidpipeError, fail, raise_preempted
 
 register_configs()
 
@@ -36,6 +36,9 @@ def _hydra_main(dcfg: DictConfig) -> None:
         cfg = to_config(dcfg)
         run_dir = cfg.run_dir or HydraConfig.get().runtime.output_dir
         summary = run(cfg, run_dir)
+    except Preempted as e:  # not an error: saved and stopped, exit 75 (errors.EXIT_PREEMPTED)
+        print(f"sidpipe: {e}", file=sys.stderr, flush=True)
+        sys.exit(e.exit_code)
     except SidpipeError as e:
         fail(str(e), getattr(e, "exit_code", 1))
     except KeyboardInterrupt:  # Ctrl-C: one line, the shell's convention 128 + SIGINT
@@ -50,7 +53,14 @@ def main() -> None:
         a.startswith("hydra.output_subdir=") for a in sys.argv[1:]
     ):
         sys.argv.append("hydra.output_subdir=null")
-    signal.signal(signal.SIGTERM, raise_interrupted)  # a scheduler's stop: like Ctrl-C
+    # A scheduler's stop (SIGTERM) or warning (SIGUSR1): the run saves and stops, exit 75
+    # (runtime/preempt.py); until it has started, there is nothing to save.
+    for sig in (signal.SIGTERM, signal.SIGUSR1):
+        signal.signal(sig, raise_preempted)
+    try:  # hydra.main would print a mistake in seven lines, with advice wrong for a typo
+        check_command_line(sys.argv[1:])
+    except SidpipeError as e:
+        fail(str(e))
     _hydra_main()
 
 

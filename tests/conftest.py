@@ -7,6 +7,7 @@ import multiprocessing.process
 import os
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -122,3 +123,12 @@ def data_root() -> Path:
     if not (DATA_ROOT / "MNIST" / "raw").exists():
         pytest.skip(f"offline datasets not found at {DATA_ROOT}")
     return DATA_ROOT
+
+
+@pytest.fixture(autouse=True)
+def _torch_threads() -> Iterator[None]:
+    """A run in this process sets torch's thread count (pipeline.threads, auto by default):
+    put it back, so one test's setting never times or orders the next test's kernels."""
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)

@@ -28,7 +28,7 @@ def _toy():
 
 
 def _save(root, step, m, opt, keep_last=5):
-    meta = {"stages": 1, "method": "sid", "partition": [[0, 2]]}
+    meta = {"stages": 1, "method": "sid", "partition": [[0, 2]], "config": {}}
     return checkpoint.save(root, step, 0, 1, m, [opt], {"step": step}, meta, keep_last)
 
 
@@ -71,6 +71,7 @@ def test_damaged_and_partial_checkpoints_are_never_loaded(tmp_path):
     "method", [["method=sid"], ["method=bp", "pipeline.microbatches=4", "data.subset=1280"]]
 )
 def test_pipeline_kill_and_resume_is_exact(method, tmp_path):
+    """Killed, then resumed (and for SID: killed and restarted in place) == uninterrupted."""
     full, cut = tmp_path / "full", tmp_path / "cut"
     args = [*TINY, *CKPT, *method, "pipeline.stages=2"]
     r = run_cli(args, full)
@@ -92,6 +93,22 @@ def test_pipeline_kill_and_resume_is_exact(method, tmp_path):
     # metrics.jsonl: the lines the killed attempt logged after step 10 were dropped, so the
     # resumed run's file has the uninterrupted run's lines, each once
     assert Counter(metric_keys(cut)) == Counter(metric_keys(full))  # stages interleave
+    if method != ["method=sid"]:
+        return
+    # pipeline.max_restarts: the same kill, in the first attempt only; the agent restarts
+    # both stages, they resume from step 20 and the run finishes as the uninterrupted one
+    again = tmp_path / "restarted"
+    r = run_cli([*args, "pipeline.max_restarts=2"], again, timeout=240,
+                env={"SIDPIPE_FAULT": "stage=1,step=25,kind=kill,attempt=0"})  # fmt: skip
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "sidpipe: restart 1 of 2 after:" in r.stderr, r.stderr[-2000:]
+    assert "resuming from " in r.stderr and "step_00000020" in r.stderr
+    assert "restart 2 of 2" not in r.stderr and "Traceback" not in r.stderr
+    got = load_state(again)
+    for k in want:
+        assert torch.equal(want[k], got[k]), k
+    assert Counter(metric_keys(again)) == Counter(metric_keys(full))  # each step once
+    assert not (again / "failure.txt").exists()
 
 
 @pytest.mark.parametrize("method", ["sid", "bp"])

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import sys
+
 import pytest
 
 from sidpipe.cli import COMMANDS, main
@@ -42,3 +44,34 @@ def test_each_command_has_help(command, capsys):
     main([command, "--help"])
     out = capsys.readouterr().out
     assert out.startswith(f"usage: sidpipe {command} ")
+
+
+TYPO = "sidpipe: error: unknown key 'model.widht' (did you mean 'model.width'?)"
+
+
+@pytest.mark.parametrize("command", ["train", "bench", "accuracy"])
+@pytest.mark.parametrize("typo", ["model.widht=3", "+model.widht=3"])
+def test_misspelt_key_is_one_line_naming_the_nearest_key(command, typo, capsys, monkeypatch):
+    """Refused before hydra (whose seven lines advise `+model.widht=3`, which it then
+    accepts silently) and before any process starts (the fast tier refuses one)."""
+    monkeypatch.setattr("sys.argv", list(sys.argv))  # the CLI hands hydra its overrides there
+    code, out, err = run([command, typo], capsys)
+    assert code != 0 and out == ""
+    assert err.strip().splitlines() == [TYPO]
+
+
+@pytest.mark.parametrize(
+    "argv,line",
+    [
+        (["train", "model=resnte18"], "unknown option 'model=resnte18' (did you mean 'model=resn"),
+        (["bench", "mdoe=tta"], "unknown key 'mdoe' (`sidpipe train --cfg job` lists the keys)"),
+        (["train", "train.epochs=abc"], "Value 'abc' of type 'str' could not be converted to Int"),
+        (["train", "-m", "sid.alhpa=0.3,0.5"], "unknown key 'sid.alhpa' (did you mean 'sid.alph"),
+    ],
+)  # fmt: skip
+def test_other_first_contact_mistakes_are_one_line(argv, line, capsys, monkeypatch):
+    monkeypatch.setattr("sys.argv", list(sys.argv))
+    code, out, err = run(argv, capsys)
+    assert code != 0 and out == ""
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("sidpipe: error: ") and line in lines[0], err

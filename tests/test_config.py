@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
-import pytest
+import os
 
+import pytest
+import torch
+
+from sidpipe.bench import throughput
 from sidpipe.config import (
     Config,
     DataConfig,
@@ -17,7 +21,11 @@ from sidpipe.config import (
     compose_config,
 )
 from sidpipe.errors import ConfigError
+from sidpipe.runtime.device import set_threads, stage_threads
 from tests.conftest import run_cli
+
+# a misspelt key: one line naming it and the nearest valid key
+TYPO_LINE = "unknown key 'train.batch_sise' (did you mean 'train.batch_size'?)"
 
 
 def bp(batch: int = 64, **pipeline) -> Config:
@@ -104,11 +112,12 @@ def test_validation_messages(build, message):
 @pytest.mark.parametrize(
     "overrides,message",
     [
-        (["model=resnet99"], "Could not find 'model/resnet99'"),
-        (["data=imagenet"], "Could not find 'data/imagenet'"),
+        (["model=resnet99"], "unknown option 'model=resnet99' (did you mean 'model=resnet18'?"),
+        (["data=imagenet"], "unknown option 'data=imagenet' (choose one of cifar10, cifar100,"),
         (["model.name=resnet99"], "model.name='resnet99' is unknown"),
         (["train.batch_size=-4"], "train.batch_size must be >= 1"),
-        (["train.batch_sise=4"], "Key 'batch_sise' not in 'TrainConfig'"),
+        (["train.batch_sise=4"], TYPO_LINE),
+        (["+train.batch_sise=4"], TYPO_LINE),
         (["method=backprop"], "method"),
         (["pipeline.stages=0"], "pipeline.stages must be >= 1"),
         (["model=custom"], "model=custom needs model.target"),
@@ -126,7 +135,7 @@ def test_overrides_fail_in_one_line(overrides, message):
 @pytest.mark.parametrize(
     "overrides,message",
     [
-        (["train.batch_sise=4"], "Key 'batch_sise' not in 'TrainConfig'"),
+        (["train.batch_sise=4"], TYPO_LINE),
         (["model.name=resnet99"], "model.name='resnet99' is unknown"),
         (
             ["data=mnist", "data.root=/nonexistent/sidpipe-data"],
@@ -199,3 +208,107 @@ def test_non_finite_and_out_of_range_numbers_fail_naming_the_key(override, messa
 )  # fmt: skip
 def test_edge_values_still_accepted(override):
     compose_config([override])
+
+
+# ----------------------------------------------------------------------------- threads
+
+
+@pytest.mark.parametrize(
+    "threads,local_stages,cores,expected",
+    [
+        ("auto", 1, 16, 16),  # one process alone trains on every core
+        ("auto", 4, 16, 4),  # stages share the machine's cores
+        ("auto", 3, 16, 5),
+        ("auto", 32, 16, 1),  # more stages than cores: one thread each, never 0
+        (2, 4, 16, 2),  # =N pins it
+        (1, 1, 16, 1),
+    ],
+)
+def test_pipeline_threads_auto_shares_the_cores(
+    threads, local_stages, cores, expected, monkeypatch
+):
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(cores)), raising=False)
+    cfg = compose_config([f"pipeline.threads={threads}"])
+    assert stage_threads(cfg, local_stages) == expected
+
+
+def test_pipeline_threads_defaults_to_auto_and_a_single_run_uses_every_core(monkeypatch):
+    assert compose_config([]).pipeline.threads == "auto"
+    cores = len(os.sched_getaffinity(0))
+    set_threads(compose_config(["pipeline.stages=1"]), 0)  # what train_single does
+    assert torch.get_num_threads() == cores
+
+
+@pytest.mark.parametrize("value", ["0", "-1", "many", "true", "1.5"])
+def test_pipeline_threads_bad_value_is_one_line(value):
+    with pytest.raises(ConfigError) as err:
+        compose_config([f"pipeline.threads={value}"])
+    assert "pipeline.threads must be auto or an integer >= 1" in str(err.value)
+
+
+class _Seen(Exception):
+    pass
+
+
+@pytest.mark.parametrize("threads,expected", [("auto", 1), (3, 3)])
+def test_bench_runs_every_scheme_at_explicit_threads(threads, expected, monkeypatch, tmp_path):
+    """sidpipe bench runs every scheme at the same threads per stage: auto, which would give
+    the sequential references S times a stage's cores, is run as 1 (the recorded setting)."""
+    seen = []
+
+    def rows(cfg: Config) -> None:
+        seen.append(cfg.pipeline.threads)
+        raise _Seen
+
+    monkeypatch.setattr(throughput, "simulated_rows", rows)
+    cfg = compose_config(["bench.mode=simulate", f"pipeline.threads={threads}"])
+    with pytest.raises(_Seen):
+        throughput.run_bench(cfg, ["sidpipe", "bench"], tmp_path)
+    assert seen == [expected]
+
+
+@pytest.mark.parametrize(
+    "run_dir,words",
+    [
+        ("/tmp/x/${nothere}", "hydra.run.dir cannot be resolved: Interpolation key 'nothere'"),
+        ("{file}/run", "is not a directory"),
+        ("{tmp}/" + "a" * 300 + "/b", "longer than"),
+    ],
+    ids=["broken-interpolation", "under-a-file", "name-too-long"],
+)
+def test_a_run_dir_hydra_cannot_create_is_one_line(tmp_path, run_dir, words):
+    """hydra creates hydra.run.dir before sidpipe runs, and reports a failure there with a
+    traceback: the command line is checked first (nothing is created by the check)."""
+    from sidpipe.config import check_command_line
+
+    (tmp_path / "file").write_text("")
+    arg = "hydra.run.dir=" + run_dir.replace("{file}", str(tmp_path / "file")).replace(
+        "{tmp}", str(tmp_path)
+    )
+    with pytest.raises(ConfigError) as e:
+        check_command_line([arg])
+    assert words in str(e.value) and "\n" not in str(e.value), e.value
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file"]
+
+
+@pytest.mark.parametrize(
+    "override",
+    ["bench.stages=[]", "bench.microbatches=[]", "bench.schemes=[]", "study.models=[]",
+     "study.alphas=[]", "study.datasets=[]"],
+)  # fmt: skip
+def test_an_empty_grid_is_refused_not_an_empty_report(override):
+    with pytest.raises(ConfigError) as e:
+        compose_config([override])
+    key = override.split("=")[0]
+    assert f"{key}=[] is empty" in str(e.value) and "\n" not in str(e.value)
+
+
+def test_output_dirs_naming_a_file_are_one_line(tmp_path):
+    from sidpipe.bench.accuracy import main as accuracy_main
+
+    file = tmp_path / "results.txt"
+    file.write_text("")
+    cfg = compose_config([f"bench.out_dir={file}", "bench.mode=simulate"])
+    with pytest.raises(ConfigError, match="bench.out_dir=.* is a file; give a directory"):
+        throughput.run_bench(cfg, ["sidpipe", "bench"], tmp_path)
+    assert accuracy_main(["study.tiny=true", f"study.out={file}"]) == 1

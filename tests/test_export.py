@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 import torch
 
-from sidpipe import export
+from sidpipe import export, inference, saved
 from sidpipe.config import compose_config, to_dict
 from sidpipe.data import DATASET_SHAPES
 from sidpipe.errors import SidpipeError
@@ -29,6 +29,8 @@ from sidpipe.models import build_net
 from sidpipe.runtime.io import save_state
 from tests.conftest import REPO
 
+# a misspelt key: one line naming it and the nearest valid key
+TYPO_LINE = "unknown key 'train.batch_sise' (did you mean 'train.batch_size'?)"
 SMALL = ["model.width=16", "model.depth=2", "model.head_hidden=0", "train.eval_batch_size=7"]
 
 
@@ -53,7 +55,7 @@ def fake_idx_root(root: Path, folder: str, n: int = 20, seed: int = 0) -> Path:
 def make_model(where: Path, overrides: list[str]) -> Path:
     """Export a "finished run" of the network these train overrides build (its initial
     parameters: a trained one has the same names and shapes)."""
-    cfg = compose_config([*SMALL, *overrides])
+    cfg = compose_config([*SMALL, "pipeline.stages=1", *overrides])  # one stage file
     in_shape, classes = DATASET_SHAPES[cfg.data.name]
     net = build_net(cfg, SimpleNamespace(in_shape=in_shape, num_classes=classes))  # type: ignore[arg-type]
     run = where / "run"
@@ -106,7 +108,7 @@ def one_line(e: pytest.ExceptionInfo, *names: object) -> str:
 
 def test_eval_on_the_saved_config(fashion_model: Path) -> None:
     """No overrides: the saved run config (its model.width=16, data, data.root) as it was."""
-    got = export.evaluate_model(fashion_model, [])
+    got = inference.evaluate_model(fashion_model, [])
     assert got["data"] == "fashion_mnist" and len(got["per_depth_accuracy"]) == 2
     assert got["test_accuracy"] == got["per_depth_accuracy"][-1]
 
@@ -116,39 +118,40 @@ def test_eval_takes_group_overrides_as_train_does(
 ) -> None:
     """`data=mnist data.root=DIR` (a group override, as `sidpipe train` takes it) evaluates on
     MNIST, exactly as the key form does; other groups (optim=sgd) compose too."""
-    by_group = export.evaluate_model(fashion_model, ["data=mnist", f"data.root={roots.mnist}"])
-    by_key = export.evaluate_model(fashion_model, ["data.name=mnist",
+    by_group = inference.evaluate_model(fashion_model, ["data=mnist", f"data.root={roots.mnist}"])
+    by_key = inference.evaluate_model(fashion_model, ["data.name=mnist",
                                                    f"data.root={roots.mnist}"])  # fmt: skip
     assert by_group["data"] == by_key["data"] == "mnist"
     assert by_group["per_depth_accuracy"] == by_key["per_depth_accuracy"]
-    saved = export.evaluate_model(fashion_model, ["optim=sgd", "train.eval_batch_size=3"])
+    saved = inference.evaluate_model(fashion_model, ["optim=sgd", "train.eval_batch_size=3"])
     assert saved["data"] == "fashion_mnist"
 
 
 def test_overrides_compose_on_top_of_the_saved_config(fashion_model: Path, roots) -> None:
     raw = json.loads(fashion_model.with_name("model.pt.json").read_text())["config"]
-    cfg = export.compose_saved(raw, ["data=mnist", "optim=sgd", "train.eval_batch_size=3"])
+    cfg = saved.compose_saved(raw, ["data=mnist", "optim=sgd", "train.eval_batch_size=3"])
     assert cfg.data.name == "mnist" and cfg.data.root == str(roots.fashion)  # kept from the run
     assert cfg.model.width == 16 and cfg.model.head_hidden == 0  # the run's, not the defaults
     assert cfg.optim.name == "sgd" and cfg.optim.lr == 0.05  # conf/optim/sgd.yaml
     assert cfg.train.eval_batch_size == 3
     # a saved string that looks like an interpolation stays a plain string
     raw["data"]["root"] = "/data/${oops}"
-    assert export.compose_saved(raw, []).data.root == "/data/${oops}"
+    assert saved.compose_saved(raw, []).data.root == "/data/${oops}"
 
 
 @pytest.mark.parametrize(
     "overrides,message",
     [
-        (["data=imagenet"], "Could not find 'data/imagenet'"),
+        (["data=imagenet"], "unknown option 'data=imagenet' (choose one of cifar10,"),
         (["optim.lr=inf"], "optim.lr must be a finite number > 0"),
-        (["train.batch_sise=4"], "Key 'batch_sise' not in 'TrainConfig'"),
+        (["train.batch_sise=4"], TYPO_LINE),
+        (["model.widht=3"], "unknown key 'model.widht' (did you mean 'model.width'?)"),
         (["data.root"], "data.root"),  # hydra's own syntax error
     ],
 )
 def test_bad_overrides_are_one_line(digits_model: Path, overrides, message) -> None:
     with pytest.raises(SidpipeError) as e:
-        export.evaluate_model(digits_model, overrides)
+        inference.evaluate_model(digits_model, overrides)
     one_line(e, message)
 
 
@@ -167,14 +170,14 @@ def test_model_data_mismatch_named_before_loading(
 ) -> None:
     """Found from the dataset names alone: even an absent data.root is not reached."""
     with pytest.raises(SidpipeError) as e:
-        export.evaluate_model(digits_model, [*overrides, "data.root=/nonexistent/sidpipe"])
+        inference.evaluate_model(digits_model, [*overrides, "data.root=/nonexistent/sidpipe"])
     one_line(e, digits_model, *names)
 
 
 def test_class_count_mismatch(tmp_path: Path, no_weight_loading) -> None:
     model = make_model(tmp_path, ["data=synthetic"])
     with pytest.raises(SidpipeError) as e:
-        export.evaluate_model(model, ["data=cifar100"])
+        inference.evaluate_model(model, ["data=cifar100"])
     one_line(e, model, "10 classes", "100 classes")
 
 
@@ -192,7 +195,7 @@ def test_model_mismatch_names_the_parameters(
     digits_model: Path, overrides, names, no_weight_loading
 ) -> None:
     with pytest.raises(SidpipeError) as e:
-        export.evaluate_model(digits_model, overrides)
+        inference.evaluate_model(digits_model, overrides)
     one_line(e, digits_model, *names)
 
 
@@ -234,7 +237,7 @@ def test_unsafe_pickle_is_refused_and_never_runs(
         model.write_bytes(pickle.dumps(state, protocol=int(how[-1])))
     sidecar_for(model, digits_model)
     with pytest.raises(SidpipeError) as e:
-        export.evaluate_model(model, [])
+        inference.evaluate_model(model, [])
     one_line(e, model, words)
     assert not marker.exists(), "the payload ran"
     assert "weights_only=False" not in str(e.value)  # torch's advice to run it is not ours
@@ -261,21 +264,21 @@ def test_not_a_state_dict_is_one_line(tmp_path: Path, digits_model: Path, conten
         torch.save(content, model)
     sidecar_for(model, digits_model)
     with pytest.raises(SidpipeError) as e:
-        export.evaluate_model(model, [])
+        inference.evaluate_model(model, [])
     one_line(e, model, words)
 
 
 def test_missing_model_file_and_sidecar(tmp_path: Path, digits_model: Path) -> None:
     with pytest.raises(SidpipeError) as e:
-        export.evaluate_model(tmp_path / "none.pt", [])
+        inference.evaluate_model(tmp_path / "none.pt", [])
     one_line(e, tmp_path / "none.pt", "not found")
     with pytest.raises(SidpipeError) as e:
-        export.evaluate_model(tmp_path, [])  # a directory
+        inference.evaluate_model(tmp_path, [])  # a directory
     one_line(e, tmp_path, "not a file")
     model = tmp_path / "m.pt"
     model.write_bytes(digits_model.read_bytes())
     with pytest.raises(SidpipeError) as e:
-        export.evaluate_model(model, [])
+        inference.evaluate_model(model, [])
     one_line(e, tmp_path / "m.pt.json", "not found")
 
 
@@ -287,7 +290,7 @@ def test_bad_sidecar_is_one_line(tmp_path: Path, digits_model: Path, text: str) 
     model.write_bytes(digits_model.read_bytes())
     model.with_name("m.pt.json").write_text(text)
     with pytest.raises(SidpipeError) as e:
-        export.evaluate_model(model, [])
+        inference.evaluate_model(model, [])
     one_line(e, tmp_path / "m.pt.json")
 
 
@@ -323,7 +326,7 @@ def test_main_prints_one_error_line(
     """The entry point: `sidpipe: error: ...`, one line, exit 1, nothing on stdout."""
     for argv in ([str(tmp_path / "none.pt")], [str(digits_model), "data=mnist"]):
         with pytest.raises(SystemExit) as e:
-            export.main("eval", argv)
+            inference.main("eval", argv)
         assert e.value.code == 1
         out, err = capsys.readouterr()
         assert out == "" and err.startswith("sidpipe: error: ") and err.count("\n") == 1, err
@@ -342,3 +345,16 @@ def test_cli_eval_refuses_in_one_line(tmp_path: Path, digits_model: Path) -> Non
         assert r.stderr.startswith("sidpipe: error: ") and r.stderr.count("\n") == 1, r.stderr
         assert words in r.stderr
     assert not marker.exists()
+
+
+def test_eval_misspelt_key_is_one_line(digits_model: Path, capsys: pytest.CaptureFixture) -> None:
+    """`sidpipe eval` as the command line reaches it: the same line as train's for a typo."""
+    from sidpipe.cli import main
+
+    with pytest.raises(SystemExit) as exit_:
+        main(["eval", str(digits_model), "model.widht=3"])
+    out, err = capsys.readouterr()
+    assert exit_.value.code != 0 and out == ""
+    assert err.strip().splitlines() == [
+        "sidpipe: error: unknown key 'model.widht' (did you mean 'model.width'?)"
+    ]

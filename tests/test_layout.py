@@ -65,6 +65,7 @@ LAZY_IMPORTS = {
     # the CLI's command dispatch: `sidpipe export` need not pay for hydra or the drivers
     ("sidpipe/cli.py", "sidpipe.train"),
     ("sidpipe/cli.py", "sidpipe.export"),
+    ("sidpipe/cli.py", "sidpipe.inference"),
     ("sidpipe/cli.py", "sidpipe.bench.throughput"),
     ("sidpipe/cli.py", "sidpipe.bench.accuracy"),
     # a pipeline's launcher never runs a stage: the runners (dynamo, and for BP torch
@@ -72,6 +73,9 @@ LAZY_IMPORTS = {
     ("sidpipe/drivers/launch.py", "sidpipe.drivers.bp"),
     ("sidpipe/drivers/launch.py", "sidpipe.drivers.sid"),
     ("sidpipe/drivers/__init__.py", "sidpipe.drivers.single"),
+    # a restarted stage process re-checks its run directory with the package's own policy
+    # (drivers/__init__.py imports launch: a module-level import would be a cycle)
+    ("sidpipe/drivers/launch.py", "sidpipe.drivers"),
 }
 
 

@@ -7,7 +7,7 @@ over pipeline.stages * stages_per_rank stages); the last stage also runs the fin
 (fed the uniform prior) and the loss. The engine decides the order of forwards, backwards
 and p2p ops; this module only feeds it, steps the optimizer once per batch, evaluates, and measures.
 
-Choices (see the report in the README):
+Choices (measured in docs/benchmarks.md):
 - Full batches only: the schedules need every microbatch to have the shape of the first, so the
   last partial batch of an epoch is dropped (`Batches(drop_last=True)`). With a training set
   that is a multiple of `train.batch_size`, or `train.max_steps` inside the first epoch, this is
@@ -61,7 +61,13 @@ from sidpipe.method.loss import at_least_fp32
 from sidpipe.method.stage import autocast, build_optimizer
 from sidpipe.method.step import LN2, depth_scores
 from sidpipe.models.partition import StageModule
-from sidpipe.runtime.cadence import EventKind, cadence, steps_per_epoch, total_steps
+from sidpipe.runtime.cadence import (
+    EventKind,
+    cadence,
+    preemptible,
+    steps_per_epoch,
+    total_steps,
+)
 from sidpipe.runtime.dist import DistContext
 from sidpipe.runtime.io import save_state
 from sidpipe.runtime.trace import Span, Tracer
@@ -401,7 +407,10 @@ class BPStageRunner(StageRunner):
             module.fault = self.fault
             module.train()
         hits, n, nll = total[0].tolist()
-        return (hits / n, nll / n / LN2) if self.last and n else None
+        # bits per byte for a text (nats over the bytes the targets stand for), else per
+        # prediction: rows with different tokenizers compare
+        units = getattr(split, "scored_bytes", n)
+        return (hits / n, nll / units / LN2) if self.last and n else None
 
     def run_eval(self, step: int, epoch: int) -> None:
         """Every split through the pipeline; the last stage records and prints the result."""
@@ -435,7 +444,9 @@ class BPStageRunner(StageRunner):
             module.train()
         events = cadence(cfg.train, cfg.checkpoint.every_n_steps, self.n_steps, state.position,
                          self.batches)  # fmt: skip
-        for ev in events:
+        # a preemption: every rank stops after the same agreed step, with a checkpoint there
+        self.preemption.poll_s = 0.0  # asked at every step: see Preemption.agreed
+        for ev in preemptible(events, self.preemption.agreed, state.step):
             if ev.kind is EventKind.TRAIN:
                 state.start_clock()
                 self.train_step(ev.x, ev.y)
@@ -453,9 +464,12 @@ class BPStageRunner(StageRunner):
                 state.advance(ev)
                 if self.losses.count:
                     self.log_train(self.losses, ev.epoch)
+            elif ev.kind is EventKind.PREEMPT:
+                self.preempted = True
         self.clock.enter(Span.DONE)
         wall = time.perf_counter() - start
-        save_state(self.global_state_dict(), self.run_dir, self.ctx.rank)
+        if not self.preempted:  # a preempted run's parameters are in its checkpoint
+            save_state(self.global_state_dict(), self.run_dir, self.ctx.rank)
         steady = self._steady_step_s
         return self.result(
             wall, self.clock.total(BUSY),

@@ -20,7 +20,7 @@ import torch
 from torch import Tensor, nn
 
 from sidpipe.config import Config, to_dict
-from sidpipe.data import load_data
+from sidpipe.data import load_data, text_bytes_per_token
 from sidpipe.errors import TrainingError
 from sidpipe.models import build_net
 from sidpipe.models.partition import StageModule, partition_blocks
@@ -29,7 +29,10 @@ from sidpipe.runtime.checkpoint import CheckpointManager
 from sidpipe.runtime.dist import DistContext
 from sidpipe.runtime.logger import stage_logger
 from sidpipe.runtime.memory import MemoryProbe
+from sidpipe.runtime.preempt import Preemption
+from sidpipe.runtime.resume import check_not_past
 from sidpipe.runtime.trace import Tracer
+from sidpipe.tokenizer import keep_in_run
 
 SPLITS = ("test", "val")  # evaluation splits, in the order every driver runs them
 
@@ -40,17 +43,22 @@ class PeerFailure(RuntimeError):
 
 class Fault:
     """Test hook: SIDPIPE_FAULT='stage=1,step=5,kind=raise|nan|kill|abort' injects one fault
-    (abort: a native crash, as an abort in a C++ thread would end the process)."""
+    (abort: a native crash, as an abort in a C++ thread would end the process); with
+    ',attempt=K' only in the K-th attempt of a restarted run (0: the first), else in every."""
 
     def __init__(self, spec: str):
         fields = dict(item.split("=", 1) for item in spec.split(","))
         self.stage, self.step, self.kind = int(fields["stage"]), int(fields["step"]), fields["kind"]
+        self.attempt = int(fields["attempt"]) if "attempt" in fields else None
 
     @classmethod
     def from_env(cls, rank: int) -> Fault | None:
         spec = os.environ.get("SIDPIPE_FAULT")
         fault = cls(spec) if spec else None
-        return fault if fault is not None and fault.stage == rank else None
+        attempt = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
+        if fault is None or fault.stage != rank:
+            return None
+        return fault if fault.attempt in (None, attempt) else None
 
     def apply(self, step: int, h: Tensor) -> Tensor:
         if step != self.step:
@@ -113,8 +121,14 @@ class StageRunner:
         self.state = RunState()
         self.tracer = Tracer(ctx.rank, enabled=cfg.pipeline.trace)
         self.data = load_data(cfg.data, cfg.seed)  # every rank: shapes, sizes, labels
+        if self.first and self.data.tokenizer is not None:  # export carries the run's copy
+            keep_in_run(self.data.tokenizer, run_dir)
         self.fault = Fault.from_env(ctx.rank)
         self.metrics = stage_logger(ctx.rank, run_dir, to_dict(cfg), cfg.logger)
+        # a preemption signal (stage_main installs the process's handler here); run() sets
+        # `preempted` when the run stopped early at one, after saving a checkpoint
+        self.preemption = Preemption()
+        self.preempted = False
 
     def build_stages(
         self, stage_ids: list[int], check: Callable[[nn.Module], None] | None = None
@@ -140,6 +154,7 @@ class StageRunner:
         restored = self.checkpoints.restore(module, optimizers, schedulers)
         if restored is not None:
             self.state, path = restored
+            check_not_past(path, self.state.step, getattr(self, "n_steps", self.state.step))
             print(f"{self.ctx.tag} resumed from {path} at step {self.state.step}", flush=True)
 
     def log_train(self, meter: LossMeter, epoch: int) -> None:
@@ -173,7 +188,9 @@ class StageRunner:
             "_train_samples": self.state.samples,
             "_label_noise_rate": self.data.noise_rate,
             "_train_s": self.state.train_s,
+            "_text_bytes_per_token": text_bytes_per_token(self.data),
             "_sink": self.last,  # holds the last stage: its history and samples are the run's
             "_history": self.state.history.epochs if self.last else None,
             "_trace": self.tracer.events(),
+            "_preempted": self.preempted,
         }

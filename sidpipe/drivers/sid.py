@@ -19,42 +19,17 @@ import torch
 import torch.distributed as dist
 
 from sidpipe.config import Config, Precision
-from sidpipe.data import eval_splits, train_batches
+from sidpipe.data import TextSplit, eval_splits, train_batches
 from sidpipe.drivers.runner import SPLITS, LossMeter, StageRunner, global_state_dict
 from sidpipe.errors import ConfigError
 from sidpipe.method.stage import SIDStage
 from sidpipe.method.step import LN2, depth_scores
-from sidpipe.runtime.cadence import EventKind, cadence, total_steps
+from sidpipe.runtime.cadence import EventKind, cadence, preemptible, total_steps
 from sidpipe.runtime.dist import DistContext
 from sidpipe.runtime.io import save_state
 from sidpipe.runtime.trace import Span
 from sidpipe.runtime.transport import Kind, LoopbackTransport, Message, Transport
-
-
-def to_wire(msg: Message, bf16: bool) -> Message:
-    """The codec carries a belief as (rows, width) fp32 and labels as a vector: a language
-    model's (B, T, V) beliefs and (B, T) targets travel flattened per sample. bf16 beliefs
-    travel as the same bits viewed as fp32 (half the width), so the codec needs no new
-    field and the transport counts the bytes that really move."""
-    if msg.p is None or msg.y is None:
-        return msg
-    p = msg.p.reshape(msg.p.shape[0], -1)
-    if bf16:
-        p = p.to(torch.bfloat16).view(torch.float32)
-    return Message(msg.kind, msg.step, msg.epoch, msg.h, p, msg.y.reshape(-1), msg.split)
-
-
-def from_wire(msg: Message, bf16: bool, per_position: bool) -> Message:
-    """Undo `to_wire`: beliefs back to fp32, per position for a language model."""
-    if msg.p is None or msg.y is None or msg.h is None:
-        return msg
-    p, y = msg.p, msg.y
-    if bf16:
-        p = p.view(torch.bfloat16).float()
-    if per_position:
-        y = y.reshape(msg.h.shape[0], -1)
-        p = p.reshape(*y.shape, -1)
-    return Message(msg.kind, msg.step, msg.epoch, msg.h, p, y, msg.split)
+from sidpipe.runtime.wire import from_wire, to_wire
 
 
 class SIDStageRunner(StageRunner):
@@ -94,6 +69,7 @@ class SIDStageRunner(StageRunner):
         self.losses = LossMeter(self.stage.n_modules, ctx.device)
         self.lm = module.per_position  # a language model: beliefs per position, bits per byte
         self.bf16_wire = cfg.pipeline.belief_dtype is Precision.bf16
+        self.topk = module.belief_topk  # checked against the classes by build_net
         if self.bf16_wire and self.data.num_classes % 2:
             raise ConfigError(
                 f"pipeline.belief_dtype=bf16 needs an even number of classes (beliefs travel "
@@ -114,7 +90,10 @@ class SIDStageRunner(StageRunner):
         dev, prior = self.ctx.device, self.stage.stage.prior
         events = cadence(self.cfg.train, self.cfg.checkpoint.every_n_steps, self.n_steps,
                          self.state.position, self.batches.epoch)  # fmt: skip
-        for ev in events:
+        # a preemption: CHECKPOINT (the same consistent cut as a periodic one), then a STOP
+        # whose split slot says "preempted" (1): every stage saves, passes it on and stops
+        stop_after = lambda _: self.preemption.requested()  # noqa: E731
+        for ev in preemptible(events, stop_after, self.state.step):
             if ev.kind is EventKind.TRAIN:
                 x, y = ev.x.to(dev), ev.y.to(dev)
                 # a TRAIN message's step is the batch's index (steps done before it)
@@ -135,6 +114,8 @@ class SIDStageRunner(StageRunner):
                         yield Message(Kind.EVAL_END, ev.step, ev.epoch, table, split=split_id)
             elif ev.kind is EventKind.EPOCH_END:
                 yield Message(Kind.EPOCH_END, ev.step, ev.epoch)
+            elif ev.kind is EventKind.PREEMPT:
+                yield Message(Kind.STOP, ev.step, ev.epoch, split=1)
             else:
                 yield Message(Kind.STOP, ev.step, ev.epoch)
 
@@ -144,14 +125,14 @@ class SIDStageRunner(StageRunner):
         else:
             while True:
                 msg = self.transport.recv()  # traces "recv-wait" and "recv" itself
-                yield from_wire(msg, self.bf16_wire, self.lm)
+                yield from_wire(msg, self.bf16_wire, self.lm, self.topk, self.data.num_classes)
                 if msg.kind is Kind.STOP:
                     return
 
     def send(self, msg: Message) -> None:
         if not self.last:
             with self.tracer.span(Span.SEND):
-                self.transport.send(to_wire(msg, self.bf16_wire))
+                self.transport.send(to_wire(msg, self.bf16_wire, self.topk))
 
     # ---- per message kind -------------------------------------------------------------
     def on_train(self, msg: Message) -> None:
@@ -212,8 +193,12 @@ class SIDStageRunner(StageRunner):
             return
         assert table.shape[0] == self.n_depths, "per-depth table lost a stage"
         self._eval_record[f"{split}_per_depth"] = (table[:, 0].double() / table[:, 1]).tolist()
-        if self.lm:
-            self._eval_record[f"{split}_bpb_per_depth"] = (table[:, 2] / table[:, 1] / LN2).tolist()
+        if self.lm:  # nats over the bytes the targets stand for: bits per byte, any tokenizer
+            text = self.data.test if split == "test" else self.data.val
+            assert isinstance(text, TextSplit)
+            self._eval_record[f"{split}_bpb_per_depth"] = (
+                table[:, 2] / text.scored_bytes() / LN2
+            ).tolist()
         if all(f"{s}_per_depth" in self._eval_record for s in self.expected_splits):
             record = {"kind": "eval", "step": msg.step, "epoch": msg.epoch,
                       "train_s": self.state.train_s, **self._eval_record}  # fmt: skip
@@ -253,12 +238,14 @@ class SIDStageRunner(StageRunner):
         for msg in self.messages():
             if msg.kind is Kind.STOP:
                 self.send(msg)
+                self.preempted = msg.split == 1
                 break
             handlers[msg.kind](msg)
         self.state.pause_clock()
         self.transport.flush()
         wall = time.perf_counter() - start
-        save_state(self.global_state_dict(), self.run_dir, self.ctx.rank)
+        if not self.preempted:  # a preempted run's parameters are in its checkpoint
+            save_state(self.global_state_dict(), self.run_dir, self.ctx.rank)
         st = self.transport.stats
         return self.result(
             wall, self.busy_s,

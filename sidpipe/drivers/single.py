@@ -18,18 +18,22 @@ from typing import Any
 from torch import nn
 
 from sidpipe.config import Config, Method, to_dict
-from sidpipe.data import eval_splits, load_data, train_batches
+from sidpipe.data import eval_splits, load_data, text_bytes_per_token, train_batches
 from sidpipe.drivers.runner import LossMeter
 from sidpipe.drivers.summary import write_summary
+from sidpipe.errors import Preempted
 from sidpipe.method.step import BlockwiseSID, evaluate_split, make_method
 from sidpipe.models import BlockNet, build_net
-from sidpipe.runtime.cadence import EventKind, RunState, cadence, total_steps
-from sidpipe.runtime.checkpoint import CheckpointManager
+from sidpipe.runtime.cadence import EventKind, RunState, cadence, preemptible, total_steps
+from sidpipe.runtime.checkpoint import CheckpointManager, latest_good
 from sidpipe.runtime.device import select_device, set_threads
 from sidpipe.runtime.io import atomic_write_json, save_state
 from sidpipe.runtime.logger import make_logger
 from sidpipe.runtime.memory import MemoryProbe
+from sidpipe.runtime.preempt import Preemption
+from sidpipe.runtime.resume import check_not_past
 from sidpipe.runtime.trace import Span, Tracer, chrome_trace
+from sidpipe.tokenizer import keep_in_run
 
 log = logging.getLogger("sidpipe")
 
@@ -41,16 +45,20 @@ def progress_enabled(cfg: Config) -> bool:
 def train_single(cfg: Config, run_dir: Path) -> dict[str, Any]:
     """Train in this process and write summary.json + metrics.jsonl into run_dir."""
     previous = set_threads(cfg, 0)
+    preemption = Preemption().install()  # SIGUSR1 / SIGTERM: save and stop (runtime/preempt.py)
     try:
-        return _train_single(cfg, run_dir)
+        return _train_single(cfg, run_dir, preemption)
     finally:
+        preemption.uninstall()
         if previous is not None:
             os.sched_setaffinity(0, previous)
 
 
-def _train_single(cfg: Config, run_dir: Path) -> dict[str, Any]:
+def _train_single(cfg: Config, run_dir: Path, preemption: Preemption) -> dict[str, Any]:
     device = select_device(cfg)
     data = load_data(cfg.data, cfg.seed)
+    if data.tokenizer is not None:  # the run keeps its tokenizer (export carries it)
+        keep_in_run(data.tokenizer, run_dir)
     if data.noise_rate:
         log.info("label noise: realised rate %.4f on %d training labels",
                  data.noise_rate, len(data.train))  # fmt: skip
@@ -70,6 +78,7 @@ def _train_single(cfg: Config, run_dir: Path) -> dict[str, Any]:
     restored = checkpoints.restore(module, method.optimizers, method.schedulers)
     if restored is not None:
         state, path = restored
+        check_not_past(path, state.step, n_steps)
         method.messages = state.messages
         log.info("resumed from %s at step %d", path, state.step)
     bar = None
@@ -107,7 +116,8 @@ def _train_single(cfg: Config, run_dir: Path) -> dict[str, Any]:
 
     events = cadence(cfg.train, cfg.checkpoint.every_n_steps, n_steps, state.position,
                      batches.epoch)  # fmt: skip
-    for ev in events:
+    preempted = False
+    for ev in preemptible(events, lambda _: preemption.requested(), state.step):
         if ev.kind is EventKind.TRAIN:
             state.start_clock()
             t0 = time.perf_counter()
@@ -131,8 +141,14 @@ def _train_single(cfg: Config, run_dir: Path) -> dict[str, Any]:
         elif ev.kind is EventKind.EPOCH_END:
             state.advance(ev)
             log_train(ev.epoch)
+        elif ev.kind is EventKind.PREEMPT:
+            preempted = True
     if bar is not None:
         bar.close()
+    if preempted:
+        metrics.close()
+        saved = latest_good(checkpoints.root)
+        raise Preempted(preemption.signame, state.step, str(saved) if saved else None)
     if cfg.pipeline.trace:
         atomic_write_json(run_dir / "trace.json", chrome_trace([tracer.events()]))
     save_state(net.state_dict(), run_dir, 0)
@@ -148,6 +164,7 @@ def _train_single(cfg: Config, run_dir: Path) -> dict[str, Any]:
         "samples_per_s": state.samples / state.train_s if state.train_s > 0 else 0.0,
         "wall_s": time.perf_counter() - started,
         "train_s": state.train_s,
+        "_text_bytes_per_token": text_bytes_per_token(data),
         "per_stage": [
             {
                 "stage": 0,

@@ -11,10 +11,10 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from sidpipe.config import TEXT_DATASETS, Config, Method, to_dict
+from sidpipe.config import TEXT_DATASETS, Config, Method, text_vocab, to_dict
 from sidpipe.runtime.cadence import History
 from sidpipe.runtime.dist import DistContext
-from sidpipe.runtime.io import atomic_write_json
+from sidpipe.runtime.io import atomic_write_json, mib
 from sidpipe.runtime.trace import chrome_trace
 
 AUTO_PLAN_FILE = "partition_auto.json"  # pipeline.partition=auto: measured, chosen, predicted
@@ -49,6 +49,7 @@ def gather_and_write(
         "samples_per_s": samples / train_s if train_s > 0 else 0.0,
         "wall_s": max(g["wall_s"] for g in gathered),
         "train_s": train_s,
+        "_text_bytes_per_token": last.get("_text_bytes_per_token"),
         "backend": ctx.backend,
         "device": str(ctx.device.type),
         "per_stage": per_stage,
@@ -72,11 +73,19 @@ def language_numbers(cfg: Config, result: dict[str, Any]) -> dict[str, Any]:
     if cfg.data.name not in TEXT_DATASETS:
         return {}
     bpb = final.get("test_bpb_per_depth", [])
+    tokens_per_s = result.get("samples_per_s", 0.0) * cfg.data.context
+    per_token = result.get("_text_bytes_per_token") or 1.0
     return {
         "test_bpb": bpb[-1] if bpb else None,
         "per_depth_bpb": bpb,
         "val_bpb_per_depth": final.get("val_bpb_per_depth", []),
-        "tokens_per_s": result.get("samples_per_s", 0.0) * cfg.data.context,
+        "tokens_per_s": tokens_per_s,
+        # what compares across tokenizers: a BPE token stands for several bytes of text
+        # (the training split's mean), a byte for one
+        "text_bytes_per_token": per_token,
+        "text_bytes_per_s": tokens_per_s * per_token,
+        "tokenizer": cfg.data.tokenizer,
+        "vocab_size": text_vocab(cfg.data),
         "context": cfg.data.context,
     }
 
@@ -85,6 +94,7 @@ def write_summary(
     run_dir: Path, cfg: Config, noise_rate: float, result: dict[str, Any]
 ) -> dict[str, Any]:
     result = {**result, **language_numbers(cfg, result)}
+    result = {k: v for k, v in result.items() if not k.startswith("_")}  # private to drivers
     summary = {
         "method": cfg.method.value,
         "variant": cfg.sid.variant.value if cfg.method is Method.sid else None,
@@ -103,10 +113,6 @@ def write_summary(
     return summary
 
 
-def _mib(n: float) -> str:
-    return f"{n / 2**20:.1f} MiB"
-
-
 
 def format_report(s: dict[str, Any]) -> str:
     variant = f"/{s['variant']}" if s.get("variant") else ""
@@ -121,7 +127,8 @@ def format_report(s: dict[str, Any]) -> str:
     if s.get("per_depth_bpb"):  # a language model
         lines[1:2] = ["test bits/byte (last module): " + f"{s['test_bpb']:.4f}",
                       "bits/byte per depth: " + " ".join(f"{b:.3f}" for b in s["per_depth_bpb"]),
-                      "next-byte " + lines[1]]  # fmt: skip
+                      f"next-{'token' if s.get('tokenizer') == 'bpe' else 'byte'} "
+                      + lines[1]]  # fmt: skip
         lines[-1] += f"   ({s['tokens_per_s']:.0f} tokens/s)"
     plan = s.get("partition_auto")
     if plan:
@@ -137,9 +144,10 @@ def format_report(s: dict[str, Any]) -> str:
             f"  stage {st['stage']}: busy {st['busy_fraction']:.2f}  "
             f"recv-wait {st.get('recv_wait_fraction', 0.0):.2f}  "
             f"recv {st.get('recv_fraction', 0.0):.2f}  "
-            f"bytes fwd {_mib(st['bytes_sent_forward'])}  bwd {_mib(st['bytes_sent_backward'])}  "
-            f"tensors {_mib(st.get('peak_tensor_memory_bytes', 0))} "
-            f"(RSS {_mib(st['peak_memory_bytes'])})"
+            f"bytes fwd {mib(st['bytes_sent_forward'])} MiB  "
+            f"bwd {mib(st['bytes_sent_backward'])} MiB  "
+            f"tensors {mib(st.get('peak_tensor_memory_bytes', 0))} MiB "
+            f"(RSS {mib(st['peak_memory_bytes'])} MiB)"
         )
     return "\n".join(lines)
 

@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from sidpipe.method.step import LN2
+from sidpipe.models.heads import sparse_prior
 
 
 def check_threshold(t: float) -> float:
@@ -64,9 +65,10 @@ def exit_curve(
         logits = method.logits(x)
         for i, t in enumerate(thresholds):
             totals[i] += exit_scores(logits, y, t).cpu()
+    units = getattr(batches, "scored_bytes", None)  # text: bits per byte (method/step.py)
     return [
         {"threshold": float(t), "mean_depth": float(d / n), "accuracy": float(h / n),
-         "bits": float(nll / n / LN2)}
+         "bits": float(nll / (n if units is None else units) / LN2)}
         for t, (h, n, nll, d) in zip(thresholds, totals.tolist())
     ]  # fmt: skip
 
@@ -80,23 +82,30 @@ def generate(
     threshold: float | None = None,
     temperature: float = 1.0,
     generator: torch.Generator | None = None,
+    bp: bool = False,
 ) -> tuple[Tensor, list[int]]:
     """Sample n_tokens after `prompt` (1-D int64) from a BlockNet language model, each from
     module `depth` (1-based), or from the first module whose belief at the last position
-    reaches `threshold`, else the last. Returns (all tokens, depth used per new token)."""
+    reaches `threshold`, else the last. Returns (all tokens, depth used per new token).
+    bp: a BP-trained model, whose only trained exit is the last (bp_forward)."""
     net.eval()
     n_mod, context = len(net.blocks), int(net.in_shape[0])
     stop = n_mod if depth is None else depth
     seq, used = prompt.clone(), []
     for _ in range(n_tokens):
         h = seq[-context:][None]
-        p = net.prior(h).float()
-        for i in range(stop):
-            h = net.blocks[i](h)
-            z = net.heads[i](h, p)
-            p = z.float().softmax(-1)
-            if threshold is not None and float(p[0, -1].max()) >= threshold:
-                break
+        if bp:  # BP trains one exit: the final head, fed the uniform prior (bp_forward)
+            z, i = net.bp_forward(h), n_mod - 1
+        else:
+            p = net.prior(h).float()
+            for i in range(stop):
+                if i:  # the priors the modules were trained on (pipeline.belief_topk)
+                    p = sparse_prior(p, getattr(net, "belief_topk", None))
+                h = net.blocks[i](h)
+                z = net.heads[i](h, p)
+                p = z.float().softmax(-1)
+                if threshold is not None and float(p[0, -1].max()) >= threshold:
+                    break
         used.append(i + 1)
         last = z[0, -1].float()
         if temperature == 0:

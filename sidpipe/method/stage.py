@@ -20,6 +20,7 @@ from sidpipe.config import Config, OptimConfig, Precision
 from sidpipe.errors import ConfigError
 from sidpipe.method.graphs import WARMUP, StepGraphs
 from sidpipe.method.loss import sid_loss
+from sidpipe.models.heads import sparse_prior
 from sidpipe.models.partition import StageModule
 
 
@@ -164,7 +165,9 @@ class SIDStage:
         losses, logits_all = [], []
         self.stage.train()
         with autocast(self.device, self.cfg.precision, cache=self.graphs is None):
-            for block, head in zip(self.stage.blocks, self.stage.heads):
+            for i, (block, head) in enumerate(zip(self.stage.blocks, self.stage.heads)):
+                if i:  # as between stages (drivers/sid.py to_wire): the same compression
+                    p = sparse_prior(p, self.stage.belief_topk)
                 # Stop-gradient on both inputs: a module's loss reaches only its block and head.
                 h = block(h.detach())
                 z = head(h, p.detach())

@@ -169,7 +169,7 @@ LN2 = math.log(2.0)
 
 def evaluate_split(method: Any, batches: Any, device: torch.device) -> dict[str, list[float]]:
     """Every depth's accuracy and cross-entropy in bits per prediction (bits per byte for a
-    byte-level language model); the last entry is the network's prediction."""
+    language model, whatever its tokenizer); the last entry is the network's prediction."""
     total: Tensor | None = None
     for x, y in batches.epoch(0):
         x, y = x.to(device), y.to(device)
@@ -177,7 +177,15 @@ def evaluate_split(method: Any, batches: Any, device: torch.device) -> dict[str,
         total = scores if total is None else total + scores
     assert total is not None, "empty evaluation split"
     return {"accuracy": (total[:, 0] / total[:, 1]).tolist(),
-            "bits": (total[:, 2] / total[:, 1] / LN2).tolist()}  # fmt: skip
+            "bits": (total[:, 2] / bit_units(batches, total[:, 1]) / LN2).tolist()}  # fmt: skip
+
+
+def bit_units(batches: Any, count: Tensor) -> Tensor | int:
+    """What a split's nats are divided by: the bytes its targets stand for when it is text
+    (bits per byte whatever the tokenizer, so rows with different tokenizers compare: a BPE
+    token covering 4 bytes is not one prediction of a byte), else the prediction count."""
+    units = getattr(batches, "scored_bytes", None)
+    return count if units is None else units
 
 
 def evaluate(method: Any, batches: Any, device: torch.device) -> list[float]:

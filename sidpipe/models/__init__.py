@@ -1,7 +1,8 @@
 """Model zoo: networks as chains of blocks with one belief head per block.
 
 Each architecture supplies its natural layers (mlp.py, cnn.py, resnet.py, vit.py);
-`build_model` groups them into `cfg.blocks` blocks and attaches a BeliefHead to each.
+`build_model` groups them into `cfg.blocks` blocks and attaches a belief head to each
+(`model.head`: models/heads.py).
 Nothing here imports runtime code (no torch.distributed, no trainers).
 """
 
@@ -19,7 +20,13 @@ from sidpipe.errors import ConfigError
 from sidpipe.models.cnn import simplecnn_layers, vgg11_layers
 from sidpipe.models.custom import custom_layers
 from sidpipe.models.gpt import TokenBeliefHead, gpt_layers
-from sidpipe.models.heads import BeliefHead, belief_chain, belief_rows, uniform_prior
+from sidpipe.models.heads import (
+    BeliefHead,
+    belief_chain,
+    make_head,
+    prior_for,
+    uniform_prior,
+)
 from sidpipe.models.mlp import mlp_layers
 from sidpipe.models.partition import StageModule, even_sizes, partition_blocks, stage_modules
 from sidpipe.models.resnet import resnet18_layers
@@ -47,6 +54,8 @@ class BlockNet(nn.Module):
     nn.Sequential blocks, as evenly as possible (earlier blocks take the extra layer).
     per_position: a language model; inputs are token windows (B, T), features (B, T, d),
     and every position has its own belief (TokenBeliefHead).
+    head, head_width: the belief head kind and its conv width (models/heads.py `make_head`);
+    the head is part of its block's module, so it trains, partitions and costs with it.
     """
 
     def __init__(
@@ -58,9 +67,14 @@ class BlockNet(nn.Module):
         head_hidden: int = 256,
         name: str = "model",
         per_position: bool = False,
+        head: str = "pool",
+        head_width: int = 32,
     ) -> None:
         super().__init__()
         self.per_position = per_position
+        # pipeline.belief_topk: beliefs pass between modules top-k compressed (set by
+        # build_net for SID; inference must read the priors the modules were trained on)
+        self.belief_topk: int | None = None
         natural = len(layers)
         n = natural if n_blocks is None else n_blocks
         if not 1 <= n <= natural:
@@ -81,8 +95,11 @@ class BlockNet(nn.Module):
         self.heads = nn.ModuleList(
             TokenBeliefHead(s[-1], self.num_classes)
             if per_position
-            else BeliefHead(s, self.num_classes, head_hidden)
-            for s in self._block_shapes
+            else make_head(
+                head, s, self.num_classes, head_hidden, head_width,
+                where=f"model={name} block {i + 1} of {n}",
+            )
+            for i, s in enumerate(self._block_shapes)
         )
 
     @torch.no_grad()
@@ -94,8 +111,15 @@ class BlockNet(nn.Module):
             dtype = torch.long if self.per_position else torch.get_default_dtype()
             h = torch.zeros(2, *self.in_shape, dtype=dtype)
             shapes = []
-            for block in self.blocks:
-                h = block(h)
+            for i, block in enumerate(self.blocks):
+                try:
+                    h = block(h)
+                except Exception as e:  # noqa: BLE001 - a custom model's layers do not chain
+                    raise ConfigError(
+                        f"model={self.name}: block {i + 1} of {len(self.blocks)} fails on an "
+                        f"input of shape {tuple(h.shape[1:])} (the previous layer's output): "
+                        f"{type(e).__name__}: {' '.join(str(e).split())[:200]}"
+                    ) from None
                 shapes.append(tuple(h.shape[1:]))
         finally:
             for m, mode in zip(self.modules(), modes, strict=True):
@@ -112,12 +136,11 @@ class BlockNet(nn.Module):
 
     def prior(self, x: Tensor) -> Tensor:
         """The uniform belief p_0 for input x ((B, K), or (B, T, V) for a language model)."""
-        rows = belief_rows(x, self.per_position)
-        return uniform_prior(rows, self.num_classes, device=x.device, dtype=_float(x))
+        return prior_for(x, self.num_classes, self.per_position)
 
     def forward(self, x: Tensor) -> list[Tensor]:
         """SID inference: logits at every depth (the last one is the prediction)."""
-        return belief_chain(self.blocks, self.heads, x, self.prior(x))[2]
+        return belief_chain(self.blocks, self.heads, x, self.prior(x), self.belief_topk)[2]
 
     def bp_forward(self, x: Tensor) -> Tensor:
         """BP baseline: all blocks, then the final head fed the uniform prior."""
@@ -125,10 +148,6 @@ class BlockNet(nn.Module):
         for block in self.blocks:
             h = block(h)
         return self.heads[-1](h, self.prior(x))
-
-
-def _float(x: Tensor) -> torch.dtype:
-    return x.dtype if x.is_floating_point() else torch.get_default_dtype()
 
 
 def _width(cfg: Any, standard: int) -> int:
@@ -168,9 +187,15 @@ def build_model(cfg: Any, in_shape: tuple[int, ...], num_classes: int) -> BlockN
     """Build cfg.name for inputs of `in_shape` and `num_classes` classes.
 
     cfg needs `name`, `blocks`, `width`, `depth`, `head_hidden` (width: None = the
-    architecture's standard, see ModelConfig; depth only shapes the mlp).
+    architecture's standard, see ModelConfig; depth only shapes the mlp); `head` and
+    `head_width` default to the pool head when cfg lacks them.
     """
     layers = natural_layers(cfg, in_shape, num_classes)
+    if cfg.blocks is not None and not 1 <= cfg.blocks <= len(layers):
+        raise ConfigError(
+            f"model.blocks={cfg.blocks} is out of range: model={cfg.name} has {len(layers)} "
+            f"natural layers here, so model.blocks must be in 1..{len(layers)}"
+        )
     return BlockNet(
         layers,
         in_shape,
@@ -179,6 +204,8 @@ def build_model(cfg: Any, in_shape: tuple[int, ...], num_classes: int) -> BlockN
         head_hidden=int(cfg.head_hidden),
         name=cfg.name,
         per_position=cfg.name in LANGUAGE_MODELS,
+        head=str(getattr(cfg, "head", "pool")),
+        head_width=int(getattr(cfg, "head_width", 32)),
     )
 
 
@@ -187,5 +214,12 @@ def build_net(cfg: Config, data: DataBundle) -> nn.Module:
     torch.manual_seed(cfg.seed)
     if cfg.sid.variant is Variant.shared:
         return SharedSIDNet(data.in_shape, data.num_classes, n_modules=cfg.sid.modules)
-    return build_model(cfg.model, data.in_shape, data.num_classes)
+    net = build_model(cfg.model, data.in_shape, data.num_classes)
+    k = cfg.pipeline.belief_topk
+    if k is not None:
+        if not 1 <= k < net.num_classes:
+            raise ConfigError(f"pipeline.belief_topk={k} must be in 1..{net.num_classes - 1} "
+                              f"(this data has {net.num_classes} classes)")  # fmt: skip
+        net.belief_topk = k
+    return net
 

@@ -11,6 +11,8 @@ a belief head, and from there a custom model is like any model of the zoo: parti
 from __future__ import annotations
 
 import importlib
+import tempfile
+import traceback
 from typing import Any
 
 from torch import nn
@@ -29,6 +31,8 @@ def load_target(target: str) -> Any:
         module = importlib.import_module(module_name)
     except ImportError as e:
         raise ConfigError(f"model.target={target!r}: cannot import {module_name} ({e})") from None
+    except Exception as e:  # noqa: BLE001 - the user's module fails at import (SyntaxError...)
+        raise user_code_error(target, f"importing {module_name}", e) from None
     fn = module
     for part in attr.split("."):
         if not hasattr(fn, part):
@@ -39,15 +43,31 @@ def load_target(target: str) -> Any:
     return fn
 
 
+def user_code_error(target: str, doing: str, e: BaseException) -> ConfigError:
+    """The user's code failed: one line naming the target and the error; the user's own
+    traceback goes to a log file the line points to (a 40-frame traceback of sidpipe's
+    internals would bury it)."""
+    with tempfile.NamedTemporaryFile(
+        "w", prefix="sidpipe-model-target-", suffix=".log", delete=False
+    ) as f:
+        traceback.print_exception(e, file=f)
+    what = " ".join(str(e).split()) or "no message"
+    return ConfigError(
+        f"model.target={target!r} failed while {doing}: {type(e).__name__}: {what[:200]} "
+        f"(traceback in {f.name})"
+    )
+
+
 def custom_layers(
     target: str | None, in_shape: tuple[int, ...], num_classes: int, kwargs: dict[str, Any]
 ) -> list[nn.Module]:
     if target is None:
         raise ConfigError("model=custom needs model.target=pkg.module:function")
+    fn = load_target(target)
     try:
-        layers = load_target(target)(in_shape=in_shape, num_classes=num_classes, **kwargs)
-    except TypeError as e:
-        raise ConfigError(f"model.target={target!r} could not be called: {e}") from None
+        layers = fn(in_shape=in_shape, num_classes=num_classes, **kwargs)
+    except Exception as e:  # noqa: BLE001 - the user's function fails: say which, and where
+        raise user_code_error(target, "calling it", e) from None
     layers = list(layers) if isinstance(layers, (list, tuple, nn.ModuleList)) else None
     if not layers or not all(isinstance(m, nn.Module) for m in layers):
         raise ConfigError(

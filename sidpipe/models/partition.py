@@ -6,10 +6,9 @@ import numbers
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
-import torch
 from torch import Tensor, nn
 
-from sidpipe.models.heads import belief_chain, belief_rows, uniform_prior
+from sidpipe.models.heads import belief_chain, prior_for
 
 if TYPE_CHECKING:  # type only: keeps this module free of an import cycle with the package
     from sidpipe.models import BlockNet
@@ -82,6 +81,7 @@ class StageModule(nn.Module):
         self.n_total = net.n_blocks
         self.num_classes = net.num_classes
         self.per_position = net.per_position  # a language model: a belief per position
+        self.belief_topk = net.belief_topk  # top-k compressed beliefs between modules
         self.in_shape = net.block_shapes()[self.first - 1] if self.first else net.in_shape
 
     @property
@@ -104,7 +104,7 @@ class StageModule(nn.Module):
         """
         if p is None:
             p = self.prior(h)
-        return belief_chain(self.blocks, self.heads, h, p)
+        return belief_chain(self.blocks, self.heads, h, p, self.belief_topk)
 
     def bp_forward(self, h: Tensor) -> Tensor:
         """BP semantics: run the blocks; the last stage also applies the final head (uniform
@@ -117,16 +117,11 @@ class StageModule(nn.Module):
 
     def prior(self, h: Tensor) -> Tensor:
         """The uniform belief that goes with input or features h."""
-        rows = belief_rows(h, self.per_position)
-        return uniform_prior(rows, self.num_classes, device=h.device, dtype=_float(h))
+        return prior_for(h, self.num_classes, self.per_position)
 
 
 def _is_int(c: object) -> bool:
     return isinstance(c, numbers.Integral) and not isinstance(c, bool)
-
-
-def _float(x: Tensor) -> torch.dtype:
-    return x.dtype if x.is_floating_point() else torch.get_default_dtype()
 
 
 def stage_modules(

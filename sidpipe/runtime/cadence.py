@@ -31,6 +31,7 @@ class EventKind(Enum):
     CHECKPOINT = "checkpoint"  # save after the step just taken
     EPOCH_END = "epoch_end"
     STOP = "stop"
+    PREEMPT = "preempt"  # stop early: the run is not finished (a CHECKPOINT precedes it)
 
 
 @dataclass
@@ -58,6 +59,8 @@ def cadence(
     """
     step, epoch, first = start
     every = train.eval_every_steps
+    if step >= n_steps and train.final_eval:  # resumed from the last step's checkpoint (the
+        yield Event(EventKind.EVAL, step, epoch)  # run died before its summary): evaluate it
     while step < n_steps:
         for i, (x, y) in enumerate(epoch_batches(epoch, first), start=first):
             step += 1
@@ -75,6 +78,25 @@ def cadence(
         yield Event(EventKind.EPOCH_END, step, epoch)
         epoch += 1
     yield Event(EventKind.STOP, step, epoch)
+
+
+def preemptible(
+    events: Iterable[Event], stop_after: Callable[[int], bool], saved: int
+) -> Iterator[Event]:
+    """The events, ended early when `stop_after(steps done)`, asked before every TRAIN event,
+    says so: then a CHECKPOINT of the steps done (unless step `saved`, where the run resumed,
+    or the CHECKPOINT just before, already holds them) and PREEMPT. A fresh run passes
+    saved=0: stopped before its first step it has nothing to save."""
+    for ev in events:
+        if ev.kind is EventKind.TRAIN and stop_after(ev.step - 1):
+            done = ev.step - 1
+            if done != saved:  # the position after `done` steps: this batch is the next one
+                yield Event(EventKind.CHECKPOINT, done, ev.epoch, ev.batch - 1)
+            yield Event(EventKind.PREEMPT, done, ev.epoch)
+            return
+        if ev.kind is EventKind.CHECKPOINT:
+            saved = ev.step
+        yield ev
 
 
 def steps_per_epoch(cfg: Config, data: DataBundle, drop_last: bool = False) -> int:

@@ -195,6 +195,22 @@ class SafeLoadPlanner(DefaultLoadPlanner):
             self.state_dict[read_item.dest_index.fqn] = obj
 
 
+def _check_shapes(metadata: Metadata, model: dict[str, Any], path: Path) -> None:
+    saved = metadata.state_dict_metadata
+    hint = "resume with the model.* settings of the run that wrote it"
+    for name, value in model.items():
+        entry = saved.get(f"model.{name}")
+        if entry is None:
+            raise CheckpointError(f"checkpoint {path} has no parameter {name}: it was written "
+                                  f"for another model; {hint}")  # fmt: skip
+        size = getattr(entry, "size", None)
+        if isinstance(value, torch.Tensor) and size is not None and tuple(size) != value.shape:
+            raise CheckpointError(
+                f"checkpoint {path}: parameter {name} is {list(size)} there but "
+                f"{list(value.shape)} in this run's model; {hint}"
+            )
+
+
 def load(
     path: Path, stage: int, module: nn.Module, optimizers: list[torch.optim.Optimizer]
 ) -> dict[str, Any]:
@@ -203,7 +219,9 @@ def load(
     state = _state(module, optimizers)
     state["extra"] = {"torch_rng": torch.get_rng_state(), "json": ""}
     part = path / f"stage{stage}"
-    SafeReader(part).read_metadata()  # refuse an unsafe file here, in one line (dcp would wrap it)
+    # refuse an unsafe file or another model's parameters here, in one line naming what
+    # differs (dcp would raise a CheckpointException listing only the ranks that failed)
+    _check_shapes(SafeReader(part).read_metadata(), state["model"], path)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)
         dcp.load(state, storage_reader=SafeReader(part), planner=SafeLoadPlanner(),

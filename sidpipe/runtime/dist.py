@@ -58,16 +58,7 @@ class DistContext:
             self.store.compare_set(ERROR_KEY, "", line)
         except Exception:  # the store may be gone already (launcher tearing down)
             pass
-        path = run_dir / "failure.txt"
-        try:  # O_EXCL: the first failure wins, later ones (peers stopping) don't overwrite it
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-        except OSError:
-            return
-        try:
-            with os.fdopen(fd, "w") as f:
-                f.write(line + "\n")
-        except OSError:  # a full disk: no empty failure.txt that says nothing
-            path.unlink(missing_ok=True)
+        write_failure(run_dir, line)
 
     def start_heartbeat(self, store: dist.Store) -> None:
         """A daemon thread stamps this stage's clock on the control plane every HEARTBEAT_S,
@@ -124,6 +115,42 @@ class DistContext:
         return None
 
 
+def check_transport(cfg: Config, device: torch.device) -> None:
+    """NCCL moves CUDA tensors only: refused on a CPU stage (by the launcher, before any
+    stage starts, and by each stage under torchrun)."""
+    if cfg.pipeline.transport is Transport.nccl and device.type != "cuda":
+        raise TrainingError(
+            f"pipeline.transport=nccl needs CUDA devices, and this stage runs on {device.type} "
+            "(no GPU found, or device=cpu): use pipeline.transport=auto or gloo"
+        )
+
+
+FAILURE_DIR_ENV = "SIDPIPE_FAILURE_DIR"  # the launcher's fallback, for a run dir that is full
+
+
+def write_failure(run_dir: Path, line: str) -> None:
+    """Keep the first failure's line in run_dir/failure.txt (O_EXCL: the first one wins;
+    peers that stop because of it do not overwrite it), written whole or not at all. Where
+    the run directory cannot take it (a full disk: often the failure itself), the line goes
+    to the launcher's own directory ($SIDPIPE_FAILURE_DIR), so the launcher can still say it."""
+    places = [run_dir] + ([Path(os.environ[FAILURE_DIR_ENV])] if FAILURE_DIR_ENV in os.environ
+                          else [])  # fmt: skip
+    for place in places:
+        path = place / "failure.txt"
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        except FileExistsError:
+            return  # another stage's failure came first
+        except OSError:
+            continue
+        try:
+            with os.fdopen(fd, "w") as f:
+                f.write(line + "\n")
+            return
+        except OSError:  # a full disk: no empty failure.txt that says nothing
+            path.unlink(missing_ok=True)
+
+
 def init_distributed(cfg: Config) -> DistContext:
     """Join the process group from torchrun's environment, with the pipeline's timeout."""
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
@@ -134,8 +161,9 @@ def init_distributed(cfg: Config) -> DistContext:
             "launch one process per stage "
             f"(torchrun --nproc-per-node {cfg.pipeline.stages}) or set pipeline.stages={world}"
         )
-    check_cores(cfg, int(os.environ.get("LOCAL_WORLD_SIZE", world)))  # every rank, same verdict
-    set_threads(cfg, local_rank)
+    local_stages = int(os.environ.get("LOCAL_WORLD_SIZE", world))
+    check_cores(cfg, local_stages)  # every rank, same verdict
+    set_threads(cfg, local_rank, local_stages)
     device = select_device(cfg, local_rank)
     transport = cfg.pipeline.transport
     if transport is Transport.auto:
@@ -144,25 +172,28 @@ def init_distributed(cfg: Config) -> DistContext:
         local_world = int(os.environ.get("LOCAL_WORLD_SIZE", world))
         enough_gpus = device.type == "cuda" and torch.cuda.device_count() >= local_world
         transport = Transport.nccl if enough_gpus else Transport.gloo
-    if transport is Transport.nccl and device.type != "cuda":
-        raise TrainingError("pipeline.transport=nccl needs CUDA devices; use gloo or device=cuda")
+    check_transport(cfg, device)
     staged = device.type == "cuda" and transport in (Transport.gloo, Transport.staged)
     backend = "nccl" if transport is Transport.nccl else "gloo"
     if device.type == "cuda":
         torch.cuda.set_device(device)
     timeout = timedelta(seconds=cfg.pipeline.timeout_s)
     kwargs = {"device_id": device} if backend == "nccl" else {}
-    dist.init_process_group(backend, rank=rank, world_size=world, timeout=timeout, **kwargs)
-    store = dist.TCPStore(
-        os.environ["MASTER_ADDR"],
-        int(os.environ["MASTER_PORT"]),
-        world,
-        is_master=False,
-        timeout=timeout,
-    )
-    ctx = DistContext(rank, world, local_rank, device, backend, staged, store)
-    ctx.start_heartbeat(dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]),
-                                      world, is_master=False, timeout=timeout))  # fmt: skip
+    # The agent keeps its store across restarts of the stages: every attempt gets its own
+    # keys (the process group's addresses, the failure line, heartbeats, checkpoint
+    # counters), or a restarted stage would connect to a died one's port, read the died
+    # attempt's failure, or count its checkpoint parts.
+    prefix = f"sidpipe/attempt{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}/"
+
+    def connect() -> dist.Store:
+        store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world,
+                              is_master=False, timeout=timeout)  # fmt: skip
+        return dist.PrefixStore(prefix, store)
+
+    dist.init_process_group(backend, store=dist.PrefixStore("pg", connect()), rank=rank,
+                            world_size=world, timeout=timeout, **kwargs)  # fmt: skip
+    ctx = DistContext(rank, world, local_rank, device, backend, staged, connect())
+    ctx.start_heartbeat(connect())
     return ctx
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import resource
@@ -30,6 +31,11 @@ def atomic_write_json(path: str | Path, obj: Any) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def mib(n: float) -> str:
+    """Bytes as MiB with one decimal, for reports ('18.4')."""
+    return f"{n / 2**20:.1f}"
 
 
 def _json_default(obj: Any) -> Any:
@@ -73,16 +79,30 @@ def save_state(state: dict[str, torch.Tensor], run_dir: str | Path, stage: int) 
     `model/stage{r}.pt` per stage; together they are the network's state_dict. Atomic.
     """
     path = Path(run_dir) / "model" / f"stage{stage}.pt"
-    tmp = path.with_suffix(".pt.tmp")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        torch.save({k: v.detach().cpu() for k, v in state.items()}, tmp)
-        os.replace(tmp, path)
-    except (OSError, RuntimeError) as e:  # torch reports a full disk as a RuntimeError
-        tmp.unlink(missing_ok=True)
-        cause = e.strerror if isinstance(e, OSError) and e.strerror else str(e).splitlines()[0]
-        raise OSError(f"cannot write {path}: {cause}") from None
+        write_torch(path, {k: v.detach().cpu() for k, v in state.items()})
+    except OSError as e:
+        raise OSError(f"cannot write {path}: {e.strerror or e}") from None
     return path
+
+
+def write_torch(path: Path, obj: Any) -> None:
+    """torch.save to path atomically. Serialised in memory first, then written as plain
+    bytes: a full disk is then the OS's own "No space left on device", not torch's
+    "enforce fail at inline_container.cc ... unexpected pos" from inside its zip writer."""
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        with open(tmp, "wb") as f:
+            f.write(buf.getbuffer())
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def load_state(run_dir: str | Path) -> dict[str, torch.Tensor]:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -44,6 +45,16 @@ def published(root: Path) -> list[Path]:
     return sorted(names, key=step_of)
 
 
+def drop_partial(root: Path) -> None:
+    """Remove step_N.tmp directories: the parts of a checkpoint that some stage never
+    finished (a full disk, a killed run). Never resumable; they would only fill the disk.
+    Called by whoever holds the run directory's lock, when no stage is running."""
+    if root.is_dir():
+        for p in root.glob(f"{PREFIX}*.tmp"):
+            if p.is_dir():
+                shutil.rmtree(p, ignore_errors=True)
+
+
 def checkpoint_root(cfg: Config, run_dir: Path) -> Path:
     return Path(cfg.checkpoint.dir) if cfg.checkpoint.dir else run_dir / "checkpoints"
 
@@ -59,6 +70,9 @@ def verify(path: Path) -> dict[str, Any]:
                  for rel, (size, digest) in meta["files"].items()}  # fmt: skip
     except (ValueError, KeyError, TypeError, AttributeError) as e:
         raise CheckpointError(f"checkpoint {path} is damaged: unreadable meta.json ({e})") from None
+    problem = _meta_problem(meta)
+    if problem:
+        raise CheckpointError(f"checkpoint {path} is damaged: meta.json {problem}")
     for rel, (size, digest) in files.items():
         if Path(rel).is_absolute() or ".." in Path(rel).parts:
             raise CheckpointError(f"checkpoint {path}: meta.json names {rel}, outside it")
@@ -68,6 +82,26 @@ def verify(path: Path) -> dict[str, Any]:
                 f"checkpoint {path} is damaged: {rel} does not match its checksum"
             )
     return meta
+
+
+def _meta_problem(meta: dict[str, Any]) -> str:
+    """What is wrong with a meta.json's layout fields ('' if nothing): they decide whether a
+    run may resume from it, so they are checked before use, not trusted."""
+    stages, method, partition = meta.get("stages"), meta.get("method"), meta.get("partition")
+    if not isinstance(stages, int) or isinstance(stages, bool) or stages < 1:
+        return f"has no stage count ('stages': {stages!r})"
+    if not isinstance(method, str):
+        return f"has no method ('method': {method!r})"
+    pairs = isinstance(partition, list) and all(
+        isinstance(p, list) and len(p) == 2 and all(type(i) is int for i in p) for p in partition
+    )
+    if not pairs or not partition or partition[0][0] != 0 or any(
+        a >= b or (i and partition[i - 1][1] != a) for i, (a, b) in enumerate(partition)
+    ):
+        return f"has no valid partition ('partition': {str(partition)[:80]})"
+    if not isinstance(meta.get("config"), dict):
+        return "has no run config ('config')"
+    return ""
 
 
 def latest_good(root: Path) -> Path | None:
@@ -114,6 +148,17 @@ def check_compatible(
             f"(blocks per stage {meta['partition']}); resuming with pipeline.stages="
             f"{cfg.pipeline.stages} method={cfg.method.value}{blocks} is not "
             "supported: resume with the same layout, or export the model and start a new run"
+        )
+
+
+def check_not_past(path: Path, step: int, n_steps: int) -> None:
+    """A checkpoint past the end of the run being resumed (train.max_steps or train.epochs
+    lowered since) leaves nothing to train: refused, rather than a run that trains nothing."""
+    if step > n_steps:
+        raise CheckpointError(
+            f"{path} is at step {step}, past the {n_steps} steps this run trains "
+            "(train.epochs, train.max_steps): raise them to train further, or give a new run "
+            "its own hydra.run.dir"
         )
 
 

@@ -6,6 +6,8 @@ pipeline (equal to the sequential trainer) and the BP pipeline, unchanged.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 from torch import nn
@@ -13,8 +15,9 @@ from torch import nn
 from sidpipe.config import ModelConfig
 from sidpipe.errors import ConfigError
 from sidpipe.models import build_model
+from sidpipe.models.heads import BeliefHead, ConvBeliefHead, SpatialBeliefHead
 from sidpipe.runtime.io import load_state
-from tests.conftest import TINY, read_summary, run_cli
+from tests.conftest import TINY, read_summary, refusal, run_cli
 
 TARGET = "tests.models.test_custom:make_layers"
 
@@ -66,12 +69,47 @@ def test_custom_model_builds_with_heads_and_grouping():
         ({"target": "no_such_pkg.mod:fn"}, "cannot import no_such_pkg.mod"),
         ({"target": "tests.models.test_custom:nope"}, "has no nope"),
         ({"target": "tests.models.test_custom:not_layers"}, "must return a non-empty list"),
-        ({"target": TARGET, "kwargs": {"colour": 1}}, "could not be called"),
+        ({"target": TARGET, "kwargs": {"colour": 1}}, "failed while calling it: TypeError"),
     ],
 )
 def test_bad_custom_model_is_one_clear_line(kwargs, message):
     with pytest.raises(ConfigError, match=message):
         build_model(ModelConfig(name="custom", **kwargs), (1, 8, 8), 10)
+
+
+USER_CODE = {  # a user's module that fails, and what the one line must say
+    "syntax": ("def make(:\n", "failed while importing user_syntax: SyntaxError"),
+    "raises": ("raise RuntimeError('no GPU here')\n",
+               "failed while importing user_raises: RuntimeError: no GPU here"),
+    "build": ("def make(**kw):\n    raise KeyError('layer_norm')\n",
+              "failed while calling it: KeyError: 'layer_norm'"),
+    "chain": ("import torch.nn as nn\ndef make(**kw):\n"
+              "    return [nn.Flatten(), nn.Linear(64, 32), nn.Linear(7, 10)]\n",
+              "block 3 of 3 fails on an input of shape (32,)"),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("case", sorted(USER_CODE))
+def test_user_code_that_fails_is_one_line_with_its_traceback_in_a_log(case, tmp_path, monkeypatch):
+    source, words = USER_CODE[case]
+    (tmp_path / f"user_{case}.py").write_text(source)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    with pytest.raises(ConfigError) as e:
+        build_model(ModelConfig(name="custom", target=f"user_{case}:make"), (1, 8, 8), 10)
+    msg = str(e.value)
+    assert "\n" not in msg and words in msg, msg
+    if case != "chain":  # the user's own traceback is kept, in the file the line names
+        log = Path(msg.split("(traceback in ")[1].rstrip(")"))
+        assert f"user_{case}" in log.read_text()
+        log.unlink()
+
+
+@pytest.mark.parametrize("model", ["mlp", "custom"])
+def test_more_blocks_than_layers_is_one_line(model):
+    cfg = (ModelConfig(name="mlp", depth=3, blocks=5) if model == "mlp" else
+           ModelConfig(name="custom", target=TARGET, kwargs={"depth": 2}, blocks=9))  # fmt: skip
+    with pytest.raises(ConfigError, match="model.blocks=.* is out of range"):
+        build_model(cfg, (1, 8, 8), 10)
 
 
 def test_target_only_with_custom():
@@ -98,3 +136,40 @@ def test_custom_model_pipelines_like_the_zoo(tmp_path):
                  "pipeline.microbatches=2"], bp)  # fmt: skip
     assert r.returncode == 0, r.stderr
     assert read_summary(bp)["test_accuracy"] > 0.3
+
+
+def conv_layers(in_shape: tuple[int, ...], num_classes: int, width: int = 4):
+    """A user's convnet: three conv layers whose blocks give (C,H,W) maps."""
+    c = in_shape[0]
+    return [nn.Sequential(nn.Conv2d(c if i == 0 else width, width, 3, padding=1), nn.ReLU())
+            for i in range(3)]  # fmt: skip
+
+
+@pytest.mark.parametrize("head", ["pool", "spatial", "conv"])
+def test_custom_convnet_gets_every_head(head):
+    kinds = {"pool": BeliefHead, "spatial": SpatialBeliefHead, "conv": ConvBeliefHead}
+    target = "tests.models.test_custom:conv_layers"
+    cfg = ModelConfig(name="custom", target=target, head=head, head_width=6, head_hidden=8)
+    torch.manual_seed(0)
+    net = build_model(cfg, (1, 8, 8), num_classes=10)
+    assert [type(h) for h in net.heads] == [kinds[head]] * 3
+    # one local SID-style update reaches every head's parameters
+    out = net(torch.randn(4, 1, 8, 8))
+    sum(torch.nn.functional.cross_entropy(z, torch.arange(4)) for z in out).backward()
+    assert all(p.grad is not None for p in net.heads.parameters())
+
+
+@pytest.mark.parametrize("head", ["spatial", "conv"])
+def test_custom_vector_model_refuses_conv_heads_naming_the_block(head):
+    cfg = ModelConfig(name="custom", target=TARGET, head=head, blocks=2)
+    with pytest.raises(ConfigError) as e:
+        build_model(cfg, (1, 8, 8), num_classes=10)
+    msg = str(e.value)
+    assert "\n" not in msg
+    assert msg == (f"model.head={head} needs convnet features (C,H,W), but model=custom block 1 "
+                   "of 2 gives (32,); use model.head=pool")  # fmt: skip
+
+
+def test_custom_conv_head_refusal_comes_before_any_stage_starts(tmp_path):
+    msg = refusal([*CUSTOM, "model.width=null", "model.head=conv", "pipeline.stages=2"], tmp_path)
+    assert msg.startswith("model.head=conv needs convnet features (C,H,W), but model=custom")

@@ -20,6 +20,7 @@ train: $(STAMP)
 
 lint: $(STAMP)
 	$(BIN)/ruff check sidpipe tests benchmarks
+	$(BIN)/ruff format --check sidpipe tests benchmarks
 	$(BIN)/lint-imports
 
 # Both tiers: the in-process one and the real multi-process one (pipelines, torchrun, CLI).

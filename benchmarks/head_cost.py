@@ -123,10 +123,14 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=7)
     args = ap.parse_args()
     torch.set_num_threads(1)
-    print(f"{platform.machine()}, torch {torch.__version__}, 1 thread, batch {args.batch}, "
-          f"model.width=8, model.head_width={args.head_width}, median of {args.reps}")
-    print("| model | blocks | head | stage step ms | head share of step, ms % per stage "
-          "| head share, FLOPs % per stage | whole net: heads' share, ms / FLOPs |")
+    print(
+        f"{platform.machine()}, torch {torch.__version__}, 1 thread, batch {args.batch}, "
+        f"model.width=8, model.head_width={args.head_width}, median of {args.reps}"
+    )
+    print(
+        "| model | blocks | head | stage step ms | head share of step, ms % per stage "
+        "| head share, FLOPs % per stage | whole net: heads' share, ms / FLOPs |"
+    )
     print("|---|---|---|---|---|---|---|")
     for model in args.models:
         for blocks in args.blocks:
@@ -138,8 +142,9 @@ def main() -> None:
                 total = [sum(r[f"head_{k}"] for r in rows) / sum(r[f"step_{k}"] for r in rows)
                          for k in ("ms", "flops")]  # fmt: skip
                 whole = f"{100 * total[0]:.0f}% / {100 * total[1]:.0f}%"
-                print(f"| {model} | {blocks} | {head} | {steps} | {ms} | {fl} | {whole} |",
-                      flush=True)
+                print(
+                    f"| {model} | {blocks} | {head} | {steps} | {ms} | {fl} | {whole} |", flush=True
+                )
 
 
 if __name__ == "__main__":

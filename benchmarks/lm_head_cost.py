@@ -53,8 +53,10 @@ def main() -> None:
         token, concat = TokenBeliefHead(args.dim, vocab), ConcatHead(args.dim, vocab)
         n_tok = sum(x.numel() for x in token.parameters())
         n_cat = sum(x.numel() for x in concat.parameters())
-        print(f"| {vocab} | {n_tok:,} | {n_cat:,} | {timed(token, h, p):.2f} | "
-              f"{timed(concat, h, p):.2f} |")
+        print(
+            f"| {vocab} | {n_tok:,} | {n_cat:,} | {timed(token, h, p):.2f} | "
+            f"{timed(concat, h, p):.2f} |"
+        )
 
 
 if __name__ == "__main__":

@@ -36,6 +36,7 @@ def text_vocab(data: Any) -> int:
     """V of a text set's config: 256 bytes, or data.vocab_size for a BPE."""
     return BYTES_VOCAB if getattr(data, "tokenizer", "bytes") == "bytes" else int(data.vocab_size)
 
+
 # model.head: the belief head of every block (sidpipe/models/heads.py). spatial and conv read
 # a convnet's (C,H,W) maps, so the zoo models whose blocks give vectors or tokens take pool
 HEAD_KINDS = ("pool", "spatial", "conv")

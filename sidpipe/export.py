@@ -144,8 +144,6 @@ def export_model(source: str | Path, out: str | Path, trust: str | None = None) 
     return out
 
 
-
-
 def main(argv: list[str]) -> None:
     ap = OneLineParser(prog="sidpipe export", description="Merge a run's (or a checkpoint's) "
                        "stage parameters into one state_dict OUT.pt, with the run's config "

@@ -172,8 +172,11 @@ def _thresholds(text: str) -> tuple[float, ...]:
     try:
         return tuple(check_threshold(float(t)) for t in text.split(","))
     except ValueError as e:
-        raise ConfigError(f"--thresholds={text!r}: {e}" if "threshold" in str(e) else
-                          f"--thresholds={text!r} must be numbers separated by commas") from None
+        raise ConfigError(
+            f"--thresholds={text!r}: {e}"
+            if "threshold" in str(e)
+            else f"--thresholds={text!r} must be numbers separated by commas"
+        ) from None
 
 
 def _check_generate(args: argparse.Namespace) -> None:

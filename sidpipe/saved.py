@@ -116,8 +116,11 @@ def check_data_kind(saved: dict[str, Any], overrides: list[str], side: Path) -> 
             model_path = side.with_suffix("")
             raise ConfigError(
                 f"{model_path} is a model={model} "
-                + ("language model: it reads text (data=shakespeare or data=text), "
-                   if lm else "classifier: it reads images, ")  # fmt: skip
+                + (
+                    "language model: it reads text (data=shakespeare or data=text), "
+                    if lm
+                    else "classifier: it reads images, "
+                )  # fmt: skip
                 + f"not data={name}"
             )
 
@@ -360,5 +363,3 @@ def load_exported(
     unused = bp_unused(net, cfg)
     net.load_state_dict({k: v for k, v in state.items() if k not in unused}, strict=not unused)
     return cfg, net, bundle
-
-

@@ -161,7 +161,11 @@ def test_time_to_accuracy_mode(tmp_path):
     rows = result["rows"]
     # SID at equal update size (one message = B), BP at M=2; two learning rates each
     assert sorted((x["scheme"], x["microbatches"], x["lr"]) for x in rows) == [
-        ("gpipe", 2, 0.001), ("gpipe", 2, 0.003), ("sid", 1, 0.001), ("sid", 1, 0.003)]
+        ("gpipe", 2, 0.001),
+        ("gpipe", 2, 0.003),
+        ("sid", 1, 0.001),
+        ("sid", 1, 0.003),
+    ]
     for row in rows:
         evals = row["evaluations"]
         assert len(evals) >= 3 and all("val_per_depth" in e and "train_s" in e for e in evals)

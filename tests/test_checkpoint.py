@@ -142,6 +142,7 @@ def metric_keys(run_dir: Path) -> list[tuple]:
 def test_resume_on_another_layout_is_refused(tmp_path):
     r = run_cli([*TINY, *CKPT, "pipeline.stages=2", "train.max_steps=10"], tmp_path)
     assert r.returncode == 0, r.stderr[-2000:]
+
     # The refusals come from the launcher, before any stage process starts: in this process.
     def refused(overrides: list[str], run_dir: Path) -> str:
         with pytest.raises(SidpipeError) as e:

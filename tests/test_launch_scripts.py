@@ -255,8 +255,16 @@ def test_slurm_overrides_from_env(fake_scontrol):
 def test_slurm_sbatch_header():
     text = (LAUNCH / "slurm.sbatch").read_text()
     directives = [line.split()[1] for line in text.splitlines() if line.startswith("#SBATCH")]
-    for key in ("--nodes", "--ntasks-per-node=1", "--gpus-per-node", "--cpus-per-task", "--time",
-                "--requeue", "--signal=B:USR1@", "--open-mode=append"):
+    for key in (
+        "--nodes",
+        "--ntasks-per-node=1",
+        "--gpus-per-node",
+        "--cpus-per-task",
+        "--time",
+        "--requeue",
+        "--signal=B:USR1@",
+        "--open-mode=append",
+    ):
         assert any(d.startswith(key) for d in directives), (key, directives)
     # sbatch stops reading directives at the first command
     first_cmd = next(

@@ -169,12 +169,16 @@ def test_bits_per_byte_count_the_bytes_not_the_tokens(text_file):
         (["data.tokenizer=bpe"], "needs data.vocab_size=N"),
         (["data.tokenizer=bpe", "data.vocab_size=100"], "data.vocab_size must be in 257.."),
         (["data.vocab_size=2048"], "data.vocab_size=2048 needs data.tokenizer=bpe"),
-        (["data.tokenizer=bpe", "data.vocab_size=300", "data.tokenizer_sha256=xyz"],
-         "64 lowercase hex digits"),
+        (
+            ["data.tokenizer=bpe", "data.vocab_size=300", "data.tokenizer_sha256=xyz"],
+            "64 lowercase hex digits",
+        ),
         (["pipeline.belief_topk=0"], "pipeline.belief_topk must be >= 1"),
         (["pipeline.belief_topk=256"], "pipeline.belief_topk=256 must be below the vocabulary"),
-        (["data.tokenizer=bpe", "data.vocab_size=300", "pipeline.belief_topk=300"],
-         "below the vocabulary size 300"),
+        (
+            ["data.tokenizer=bpe", "data.vocab_size=300", "pipeline.belief_topk=300"],
+            "below the vocabulary size 300",
+        ),
         (["pipeline.belief_topk=8", "method=bp"], "applies to method=sid"),
         (["pipeline.belief_topk=8", "pipeline.belief_dtype=bf16"], "does not combine"),
     ],
@@ -206,8 +210,12 @@ def test_bad_tokenizer_files_are_one_line(text_file, tmp_path):
         (json.dumps({"model": {"type": "WordPiece"}}), None, V, "not a BPE tokenizer"),
         (json.dumps(broken), None, V, "not a usable tokenizer"),
         (good.text, "0" * 64, V, "does not match its record"),
-        (good.text.replace('"normalizer":null', '"normalizer":{"type":"Lowercase"}'), None, V,
-         "not a plain byte-level BPE (normalizer Lowercase"),
+        (
+            good.text.replace('"normalizer":null', '"normalizer":{"type":"Lowercase"}'),
+            None,
+            V,
+            "not a plain byte-level BPE (normalizer Lowercase",
+        ),
         (good.text, None, 300, "data.vocab_size=300"),
     ]
     for text, sha, vocab, message in cases:
@@ -300,9 +308,17 @@ def test_export_without_the_run_tokenizer_is_one_line(bpe_run, tmp_path):
 # ---------------------------------------------------------------------------- top-k beliefs
 
 
-@pytest.mark.parametrize(("vocab", "dtype"), [(10, torch.uint8), (256, torch.uint8),
-                                              (2048, torch.uint16), (8192, torch.uint16),
-                                              (65536, torch.uint16), (70000, torch.int32)])
+@pytest.mark.parametrize(
+    ("vocab", "dtype"),
+    [
+        (10, torch.uint8),
+        (256, torch.uint8),
+        (2048, torch.uint16),
+        (8192, torch.uint16),
+        (65536, torch.uint16),
+        (70000, torch.int32),
+    ],
+)
 def test_topk_message_layout(vocab, dtype):
     """What is sent: k fp32 values, the fp32 rest, k indices in the smallest integer dtype
     that holds V, packed into whole fp32 words; unpacked exactly."""

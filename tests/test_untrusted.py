@@ -34,8 +34,7 @@ def payloads(where: Path) -> list[SimpleNamespace]:
     out = []
     marker = where / "ran-module"
     (where / f"{MODULE}.py").write_text(
-        f"open({str(marker)!r}, 'w').write('imported')\n"
-        "def make_layers(**kwargs):\n    return []\n"
+        f"open({str(marker)!r}, 'w').write('imported')\ndef make_layers(**kwargs):\n    return []\n"
     )
     out.append(SimpleNamespace(target=f"{MODULE}:make_layers", kwargs={}, marker=marker))
     hub = where / "hub"

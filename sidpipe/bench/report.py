@@ -75,8 +75,12 @@ def grid_lines(rows: list[dict[str, Any]]) -> list[str]:
                     if r["scheme"] == scheme and r["stages"] == s}  # fmt: skip
             if not mine:
                 continue
-            cells = [_opt(mine[m], "samples_per_s", "{:.0f}") if m in mine and
-                     "samples_per_s" in mine[m] else ("n/a" if m in mine else "") for m in ms]
+            cells = [
+                _opt(mine[m], "samples_per_s", "{:.0f}")
+                if m in mine and "samples_per_s" in mine[m]
+                else ("n/a" if m in mine else "")
+                for m in ms
+            ]
             lines.append(f"| {s} | {scheme} | " + " | ".join(cells) + " |")  # fmt: skip
     skipped = [r for r in rows if r.get("skipped")]
     if skipped:
@@ -107,9 +111,11 @@ def tta_lines(result: dict[str, Any]) -> list[str]:
               "|---|---|---|---|---|---|---|"]  # fmt: skip
     for sel in result.get("lr_selection", []):
         for x in sel["sweep"]:
-            lines.append(f"| {sel['scheme']} | {sel['stages']} | {sel['microbatches']} | "
-                         f"{x['lr']} | {x['reached']}/{x['seeds']} | "
-                         f"{_opt(x, 'tta_train_s', '{:.1f}')} | {x['best_val_accuracy']:.4f} |")
+            lines.append(
+                f"| {sel['scheme']} | {sel['stages']} | {sel['microbatches']} | "
+                f"{x['lr']} | {x['reached']}/{x['seeds']} | "
+                f"{_opt(x, 'tta_train_s', '{:.1f}')} | {x['best_val_accuracy']:.4f} |"
+            )
     return lines + [""]
 
 
@@ -156,8 +162,9 @@ def markdown(result: dict[str, Any]) -> str:
                 continue
             lines += ["", f"S={r['stages']}, M={r['microbatches']}, cuts {r.get('partition')}:"]
             for i, t in enumerate(r["stage_times_ms"]):
-                bp = t["bp_forward"] + t.get("bp_backward",
-                                             t.get("bp_input_grad", 0) + t.get("bp_weight_grad", 0))
+                bp = t["bp_forward"] + t.get(
+                    "bp_backward", t.get("bp_input_grad", 0) + t.get("bp_weight_grad", 0)
+                )
                 ratio = (t["sid_forward"] + t["sid_update"]) / bp
                 lines.append(f"- stage {i}: " + ", ".join(f"{k} {v:.2f}" for k, v in t.items())
                              + f"; step ratio {ratio:.2f}")  # fmt: skip

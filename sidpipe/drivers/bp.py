@@ -112,9 +112,7 @@ def check_bp_layout(cfg: Config, data: DataBundle, net: nn.Module) -> None:
         )
 
 
-def label_batches(
-    split_batches: Batches | TextBatches, data: DataBundle
-) -> Batches | TextBatches:
+def label_batches(split_batches: Batches | TextBatches, data: DataBundle) -> Batches | TextBatches:
     """The same batches (order, sizes) as `split_batches`, cheap: images cut to one pixel.
 
     The sample order depends only on (seed, epoch), so the labels match the full batches the

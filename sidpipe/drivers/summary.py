@@ -113,7 +113,6 @@ def write_summary(
     return summary
 
 
-
 def format_report(s: dict[str, Any]) -> str:
     variant = f"/{s['variant']}" if s.get("variant") else ""
     lines = [
@@ -150,4 +149,3 @@ def format_report(s: dict[str, Any]) -> str:
             f"(RSS {mib(st['peak_memory_bytes'])} MiB)"
         )
     return "\n".join(lines)
-

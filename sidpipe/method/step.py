@@ -50,7 +50,6 @@ class BlockwiseSID:
         return self.stage.eval_forward(x, self.net.prior(x).float())[2]
 
 
-
 class SharedSID:
     """The reference algorithm: two phases per batch, extractor trained by the summed losses."""
 
@@ -102,7 +101,6 @@ class SharedSID:
             return [z.float() for z in self.net(x)]
 
 
-
 class Backprop:
     """End-to-end cross-entropy on the last head, gradients accumulated over microbatches."""
 
@@ -141,14 +139,12 @@ class Backprop:
             return [self._fwd(x).float()]
 
 
-
 def make_method(cfg: Config, net: nn.Module, total: int, device: torch.device):
     if cfg.method is Method.bp:
         return Backprop(cfg, net, total, device)
     if cfg.sid.variant is Variant.shared:
         return SharedSID(cfg, net, total, device)
     return BlockwiseSID(cfg, net, total, device)
-
 
 
 def depth_scores(logits: list[Tensor], y: Tensor) -> Tensor:
@@ -191,4 +187,3 @@ def bit_units(batches: Any, count: Tensor) -> Tensor | int:
 def evaluate(method: Any, batches: Any, device: torch.device) -> list[float]:
     """Accuracy of every depth's belief (the last entry is the network's prediction)."""
     return evaluate_split(method, batches, device)["accuracy"]
-

@@ -96,7 +96,11 @@ class BlockNet(nn.Module):
             TokenBeliefHead(s[-1], self.num_classes)
             if per_position
             else make_head(
-                head, s, self.num_classes, head_hidden, head_width,
+                head,
+                s,
+                self.num_classes,
+                head_hidden,
+                head_width,
                 where=f"model={name} block {i + 1} of {n}",
             )
             for i, s in enumerate(self._block_shapes)
@@ -172,9 +176,7 @@ assert tuple(_BUILDERS) == MODEL_NAMES
 
 def _check_name(name: str) -> None:
     if name not in _BUILDERS:
-        raise ConfigError(
-            f"model.name={name!r} is unknown; choose one of {', '.join(MODEL_NAMES)}"
-        )
+        raise ConfigError(f"model.name={name!r} is unknown; choose one of {', '.join(MODEL_NAMES)}")
 
 
 def natural_layers(cfg: Any, in_shape: tuple[int, ...], num_classes: int = 10) -> list[nn.Module]:
@@ -222,4 +224,3 @@ def build_net(cfg: Config, data: DataBundle) -> nn.Module:
                               f"(this data has {net.num_classes} classes)")  # fmt: skip
         net.belief_topk = k
     return net
-

@@ -154,6 +154,7 @@ def sparse_prior(p: Tensor, k: int | None) -> Tensor:
         return p
     return dense_belief(*topk_belief(p, k), p.shape[-1])
 
+
 def _mlp(n_in: int, hidden: int, num_classes: int) -> nn.Module:
     """Linear(n_in, hidden)-ReLU-Linear(hidden, K), or one Linear when hidden == 0."""
     if hidden == 0:

@@ -57,6 +57,8 @@ from sidpipe.runtime.resume import (  # noqa: F401 - re-exported: one module for
 )
 
 log = logging.getLogger("sidpipe.runtime.checkpoint")
+
+
 def os_cause(e: BaseException) -> str:
     """The OS error behind a wrapped one ('No space left on device'), else its first line."""
     seen: list[BaseException] = [e]
@@ -139,9 +141,16 @@ def _prune(root: Path, keep_last: int) -> None:
 # pickle.load, which would run whatever a crafted file names (docs/design.md §8).
 _METADATA_GLOBALS = {
     ("torch.distributed.checkpoint.metadata", name)
-    for name in ("Metadata", "MetadataIndex", "StorageMeta", "TensorProperties",
-                 "TensorStorageMetadata", "BytesStorageMetadata", "ChunkStorageMetadata",
-                 "_MEM_FORMAT_ENCODING")
+    for name in (
+        "Metadata",
+        "MetadataIndex",
+        "StorageMeta",
+        "TensorProperties",
+        "TensorStorageMetadata",
+        "BytesStorageMetadata",
+        "ChunkStorageMetadata",
+        "_MEM_FORMAT_ENCODING",
+    )
 } | {  # fmt: skip
     ("torch.distributed.checkpoint.filesystem", "_StorageInfo"),
     ("torch", "Size"),

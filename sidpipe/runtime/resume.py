@@ -95,8 +95,11 @@ def _meta_problem(meta: dict[str, Any]) -> str:
     pairs = isinstance(partition, list) and all(
         isinstance(p, list) and len(p) == 2 and all(type(i) is int for i in p) for p in partition
     )
-    if not pairs or not partition or partition[0][0] != 0 or any(
-        a >= b or (i and partition[i - 1][1] != a) for i, (a, b) in enumerate(partition)
+    if (
+        not pairs
+        or not partition
+        or partition[0][0] != 0
+        or any(a >= b or (i and partition[i - 1][1] != a) for i, (a, b) in enumerate(partition))
     ):
         return f"has no valid partition ('partition': {str(partition)[:80]})"
     if not isinstance(meta.get("config"), dict):

@@ -73,8 +73,9 @@ def test_blockwise_gaps_trend_and_count() -> None:
     body, findings, series = stats.blockwise_stats(rows)
     assert [r[2] for r in body] == ["BP", "SID 2 blocks", "SID 4 blocks"]
     assert body[1][6] == "+1.00 ± 0.00" and body[2][6] == "-4.95 ± 0.07"
-    assert findings[0].startswith("Blockwise SID is level with or above BP") and "in 1 of 2" in (
-        findings[0]
+    assert (
+        findings[0].startswith("Blockwise SID is level with or above BP")
+        and "in 1 of 2" in (findings[0])
     )
     assert "+1.00 at 2 blocks (above BP), -4.95 at 4 blocks (below BP)" in findings[1]
     assert "falls further behind BP as the network is cut finer" in findings[1]
@@ -119,8 +120,12 @@ def test_blockwise_greedy_width_flatness_and_anchors() -> None:
     assert not any(caveat in f for f in stats.blockwise_stats(rows)[1])
 
     header, anchors = stats.anchor_table(rows)
-    assert header[3:] == ["SID − BP (this study)", "greedy (α=1) − BP (this study)",
-                          "greedy (DGL-style) − BP (published)", "InfoPro − BP (published)"]
+    assert header[3:] == [
+        "SID − BP (this study)",
+        "greedy (α=1) − BP (this study)",
+        "greedy (DGL-style) − BP (published)",
+        "InfoPro − BP (published)",
+    ]
     assert anchors == [
         ["cifar10", "resnet18 (width 8)", 4, "-2.00 ± 0.00", "-3.50 ± 0.71", "-4.0", "-1.2"],
         ["cifar10", "resnet18 (width 8)", 8, "-10.00 ± 0.00", "–", "-7.0", "-3.8"],

@@ -30,8 +30,18 @@ from sidpipe.runtime.cadence import steps_per_epoch
 
 log = logging.getLogger("sidpipe.accuracy")
 
-ID_KEYS = ("dataset", "arch", "model", "blocks", "method", "head", "variant", "noise", "alpha",
-           "kl")
+ID_KEYS = (
+    "dataset",
+    "arch",
+    "model",
+    "blocks",
+    "method",
+    "head",
+    "variant",
+    "noise",
+    "alpha",
+    "kl",
+)
 
 
 def execute(run: Run, run_dir: str | Path) -> dict[str, Any]:

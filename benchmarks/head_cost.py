@@ -32,10 +32,10 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from sidpipe.bench.balance import message_step
 from sidpipe.config import HEAD_KINDS, Config, DataConfig, ModelConfig, TrainConfig
+from sidpipe.method.learner import SIDLearner, build_optimizer
 from sidpipe.method.loss import sid_loss
-from sidpipe.method.stage import SIDStage, build_optimizer
 from sidpipe.models import build_model
-from sidpipe.models.partition import StageModule
+from sidpipe.models.partition import Stage
 
 SHAPE, CLASSES = (3, 32, 32), 10
 
@@ -91,7 +91,7 @@ def measure(model: str, blocks: int, head: str, width: int, batch: int, reps: in
     p = net.prior(h)
     rows = []
     for i in range(blocks):
-        stage = SIDStage(StageModule(net, range(i, i + 1)), cfg, 1000, torch.device("cpu"))
+        stage = SIDLearner(Stage(net, range(i, i + 1)), cfg, 1000, torch.device("cpu"))
         whole, out = message_step(stage, h, p, y)
         step_flops = flops(whole)
         h_out, p_out = out["fwd"][0], out["fwd"][1]  # the block's output: the head's input

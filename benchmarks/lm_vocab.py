@@ -12,8 +12,8 @@ and each stage's training step is timed in one process, one torch thread, split 
   wire     packing the outgoing belief for the wire and rebuilding the incoming one
            (top-k only: the dense path moves the tensor as it is)
 
-the same code the pipeline runs (SIDStage.update, drivers/sid.py to_wire / from_wire, the
-forward of SIDStage._forward with timers between its parts). Bytes per token on the wire
+the same code the pipeline runs (SIDLearner.update, drivers/sid.py to_wire / from_wire, the
+forward of SIDLearner._forward with timers between its parts). Bytes per token on the wire
 are counted by the loopback transport (as Transport counts them: header + h + p + y) for a
 TRAIN message, dense and with pipeline.belief_topk=k; bytes per byte of text divide by the
 mean bytes a token of the training split stands for.
@@ -42,8 +42,8 @@ from torch import Tensor
 
 from sidpipe.config import Config, compose_config
 from sidpipe.data import DataBundle, load_data, train_batches
+from sidpipe.method.learner import SIDLearner
 from sidpipe.method.loss import sid_loss
-from sidpipe.method.stage import SIDStage
 from sidpipe.models import build_net
 from sidpipe.models.heads import sparse_prior
 from sidpipe.models.partition import stage_modules
@@ -79,10 +79,10 @@ class Clock:
         self.t = now
 
 
-def stage_step(stage: SIDStage, h: Tensor, p: Tensor, y: Tensor, clock: Clock) -> tuple:
-    """SIDStage.forward + update with a timer between the parts (the same operations as
-    SIDStage._forward: stop-gradients, compression between modules, fp32 beliefs)."""
-    sid, module = stage.cfg.sid, stage.stage
+def stage_step(learner: SIDLearner, h: Tensor, p: Tensor, y: Tensor, clock: Clock) -> tuple:
+    """SIDLearner.forward + update with a timer between the parts (the same operations as
+    SIDLearner._forward: stop-gradients, compression between modules, fp32 beliefs)."""
+    sid, module = learner.cfg.sid, learner.stage
     losses = []
     module.train()
     for i, (block, head) in enumerate(zip(module.blocks, module.heads)):
@@ -96,7 +96,7 @@ def stage_step(stage: SIDStage, h: Tensor, p: Tensor, y: Tensor, clock: Clock) -
         losses.append(sid_loss(z, y, p, sid.alpha, sid.kl_direction, sid.label_smoothing))
         p = F.softmax(z.float(), dim=-1).detach()
         clock.mark("loss")
-    stage.update(losses)
+    learner.update(losses)
     clock.mark("update")
     return h.detach(), p
 
@@ -114,23 +114,23 @@ def measure(
 ) -> dict[str, Any]:
     cfg = config(args, vocab, topk)
     net = build_net(cfg, data)
-    stages = [SIDStage(m, cfg, 1000, torch.device("cpu"))
-              for m in stage_modules(net, cfg.pipeline.stages)]  # fmt: skip
+    learners = [SIDLearner(m, cfg, 1000, torch.device("cpu"))
+                for m in stage_modules(net, cfg.pipeline.stages)]  # fmt: skip
     batches = train_batches(cfg, data).epoch(0)
-    per_stage: list[list[dict[str, float]]] = [[] for _ in stages]
+    per_stage: list[list[dict[str, float]]] = [[] for _ in learners]
     msg_bytes: list[int] = []
     for step in range(args.warmup + args.steps):
         x, y = next(batches)
         h, p = x, net.prior(x).float()
-        for r, stage in enumerate(stages):
+        for r, learner in enumerate(learners):
             clock = Clock()
             if r:  # what stage r reads: the previous stage's message, through the codec
                 msg = from_wire(to_wire(Message(Kind.TRAIN, step, 0, h, p, y), False, topk),
                                 False, True, topk, data.num_classes)  # fmt: skip
                 h, p = msg.h, msg.p
                 clock.mark("wire")
-            h, p = stage_step(stage, h, p, y, clock)
-            if r < len(stages) - 1:
+            h, p = stage_step(learner, h, p, y, clock)
+            if r < len(learners) - 1:
                 out = Message(Kind.TRAIN, step, 0, h, p, y)
                 if step == 0:
                     msg_bytes.append(wire_bytes(out, topk))
@@ -147,7 +147,7 @@ def measure(
     stage_rows = []
     for r, rows in enumerate(per_stage):
         med = {k: statistics.median(row[k] for row in rows) for k in PARTS}
-        stage_rows.append({"stage": r, "modules": list(stages[r].stage.block_range),
+        stage_rows.append({"stage": r, "modules": list(learners[r].stage.block_range),
                            **{f"{k}_ms": v for k, v in med.items()},
                            "total_ms": sum(med.values())})  # fmt: skip
     wire = msg_bytes[0] if msg_bytes else 0

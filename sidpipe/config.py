@@ -96,7 +96,7 @@ class Device(str, Enum):
     cuda = "cuda"
 
 
-class Transport(str, Enum):
+class TransportBackend(str, Enum):
     auto = "auto"  # NCCL on CUDA, gloo on CPU
     gloo = "gloo"
     nccl = "nccl"
@@ -296,7 +296,7 @@ class PipelineConfig:
     stages_per_rank: int | None = None
     queue_depth: int = 2  # outstanding isends per stage (backpressure)
     timeout_s: float = 120.0  # any wait on another process fails after this
-    transport: Transport = Transport.auto
+    transport: TransportBackend = TransportBackend.auto
     trace: bool = False  # Chrome-trace JSON of every stage's spans
     reuse_buffers: bool = True  # SID: receive h and p into the same buffers every message
     # torch threads per stage process: N, or auto = this machine's cores (the process's CPU

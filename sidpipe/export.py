@@ -19,7 +19,7 @@ import torch
 from sidpipe.config import Method
 from sidpipe.errors import CheckpointError, ConfigError, OneLineParser, SidpipeError, fail
 from sidpipe.models import BlockNet, build_net
-from sidpipe.models.partition import StageModule
+from sidpipe.models.partition import Stage
 from sidpipe.runtime import checkpoint
 from sidpipe.runtime.io import atomic_write_json, write_torch
 from sidpipe.saved import (
@@ -43,7 +43,7 @@ def _from_checkpoint(
     for r, (a, b) in enumerate(meta["partition"]):
         # each stage saved the module it trained: a slice of blocks (SID) or the whole net
         whole = meta["stages"] == 1 and (cfg.method is Method.bp or not isinstance(net, BlockNet))
-        part = net if whole else StageModule(net, range(a, b))
+        part = net if whole else Stage(net, range(a, b))
         checkpoint.load(path, r, part, [])
     return net.state_dict(), meta["config"]
 

@@ -25,10 +25,10 @@ from sidpipe.config import (
 )
 from sidpipe.errors import ConfigError
 from sidpipe.method.graphs import WARMUP
-from sidpipe.method.stage import SIDStage, build_optimizer
+from sidpipe.method.learner import SIDLearner, build_optimizer
 from sidpipe.models import build_model
 from sidpipe.models.heads import uniform_prior
-from sidpipe.models.partition import StageModule
+from sidpipe.models.partition import Stage
 from sidpipe.runtime.cadence import RunState
 from sidpipe.runtime.io import load_state
 from tests.conftest import REPO, TINY, read_summary, run_cli
@@ -151,10 +151,10 @@ def test_graph_safe_schedule_survives_a_checkpoint():
 # ---- GPU --------------------------------------------------------------------------------
 
 
-def _stage(cfg: Config) -> SIDStage:
+def _stage(cfg: Config) -> SIDLearner:
     torch.manual_seed(0)
     net = build_model(cfg.model, (1, 8, 8), 10)
-    return SIDStage(StageModule(net, range(net.n_blocks)), cfg, 50, torch.device("cuda"))
+    return SIDLearner(Stage(net, range(net.n_blocks)), cfg, 50, torch.device("cuda"))
 
 
 @cuda

@@ -31,7 +31,7 @@ def test_blockwise_module_loss_reaches_only_its_block_and_head():
     method = BlockwiseSID(cfg, net, total=10, device=torch.device("cpu"))
     x, y = _batch()
     p0 = torch.full((16, 10), 0.1)
-    _, _, losses, _ = method.stage.forward(x, p0, y)
+    _, _, losses, _ = method.learner.forward(x, p0, y)
     for i, loss in enumerate(losses):
         net.zero_grad(set_to_none=True)
         loss.backward(retain_graph=True)

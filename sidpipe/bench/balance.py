@@ -1,7 +1,7 @@
 """`pipeline.partition=auto`: measure every block's SID step, then cut to balance the stages.
 
 Each block is timed as the stage loop runs it (forward block + head + loss, local backward,
-optimizer step: a one-module `SIDStage`) on the real device, at the configured batch, with
+optimizer step: a one-module `SIDLearner`) on the real device, at the configured batch, with
 the stage's thread count. A stage's predicted time is the sum of its blocks plus the cost of
 serialising its output message (bytes / `pipeline.auto_bandwidth_gbs`). The cut points that
 minimise the slowest stage are found exactly by dynamic programming over contiguous splits.
@@ -22,9 +22,9 @@ import torch
 from sidpipe.config import Config
 from sidpipe.data import DataBundle, load_data, shuffled_batches
 from sidpipe.drivers.summary import AUTO_PLAN_FILE
-from sidpipe.method.stage import SIDStage
+from sidpipe.method.learner import SIDLearner
 from sidpipe.models import BlockNet, build_net
-from sidpipe.models.partition import StageModule
+from sidpipe.models.partition import Stage
 from sidpipe.runtime.device import local_stage_count, select_device, stage_threads
 from sidpipe.runtime.io import atomic_write_json, timed_call
 from sidpipe.runtime.wire import wire_nbytes
@@ -46,13 +46,13 @@ def profile_blocks(
     p = net.prior(h).float()  # uniform: (B, K), or (B, T, V) for a language model
     costs = []
     for i in range(net.n_blocks):
-        stage = SIDStage(StageModule(net, range(i, i + 1)), cfg, total_updates=1000, device=device)
+        stage = SIDLearner(Stage(net, range(i, i + 1)), cfg, total_updates=1000, device=device)
         seconds, h, p = _time_block(stage, h, p, y, device, iters)
         costs.append(BlockCost(seconds, wire_nbytes(cfg, h, p, y)))  # as sent: bf16, top-k
     return costs
 
 
-def message_step(stage: SIDStage, h, p, y) -> tuple[Callable[[], None], dict]:
+def message_step(stage: SIDLearner, h, p, y) -> tuple[Callable[[], None], dict]:
     """One TRAIN message as the stage loop runs it: forward (blocks + heads + losses), then
     the local backward and optimizer step. Whatever the stage's modules hold, their heads
     included, is in what is timed. Returns the step and the dict its forward output lands in."""
@@ -65,7 +65,7 @@ def message_step(stage: SIDStage, h, p, y) -> tuple[Callable[[], None], dict]:
     return step, out
 
 
-def _time_block(stage: SIDStage, h, p, y, device: torch.device, iters: int):
+def _time_block(stage: SIDLearner, h, p, y, device: torch.device, iters: int):
     """Median seconds of one message's forward + update, and the block's output (h, p)."""
     step, out = message_step(stage, h, p, y)
     for _ in range(stage.warm_up_messages):

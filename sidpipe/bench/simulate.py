@@ -46,11 +46,11 @@ from torch.testing._internal.distributed.fake_pg import FakeStore
 from sidpipe.bench.balance import best_cuts, profile_blocks
 from sidpipe.config import Config, Method, Schedule
 from sidpipe.data import DataBundle, load_data, shuffled_batches
-from sidpipe.drivers.bp import SCHEDULES, BPStageModule, stage_ids
+from sidpipe.drivers.bp import SCHEDULES, EngineModule, stage_ids
 from sidpipe.errors import ConfigError
-from sidpipe.method.stage import SIDStage, build_optimizer
+from sidpipe.method.learner import SIDLearner, build_optimizer
 from sidpipe.models import BlockNet, build_net
-from sidpipe.models.partition import StageModule, partition_blocks
+from sidpipe.models.partition import Stage, partition_blocks
 from sidpipe.runtime.device import select_device, set_threads
 from sidpipe.runtime.io import timed_call
 from sidpipe.runtime.wire import wire_nbytes
@@ -105,20 +105,20 @@ def _nbytes(*tensors: torch.Tensor) -> int:
     return sum(t.numel() * t.element_size() for t in tensors)
 
 
-def _time_sid(stage_mod: StageModule, cfg: Config, h, p, y, **timing) -> tuple[float, float]:
+def _time_sid(stage_mod: Stage, cfg: Config, h, p, y, **timing) -> tuple[float, float]:
     """SID forward and update (local backward + step) of one message, as the runner runs them."""
-    stage = SIDStage(stage_mod, cfg, total_updates=1000, device=timing["device"])
+    learner = SIDLearner(stage_mod, cfg, total_updates=1000, device=timing["device"])
     out: dict = {}
 
     def forward() -> None:
-        out["fwd"] = stage.forward(h, p, y)
+        out["fwd"] = learner.forward(h, p, y)
 
-    fns = [forward, lambda: stage.update(out["fwd"][2])]
-    f, u = _median_times(fns, warmup=stage.warm_up_messages, **timing)
+    fns = [forward, lambda: learner.update(out["fwd"][2])]
+    f, u = _median_times(fns, warmup=learner.warm_up_messages, **timing)
     return f, u
 
 
-def _time_bp(module: BPStageModule, cfg: Config, h, y, **timing) -> tuple[float, ...]:
+def _time_bp(module: EngineModule, cfg: Config, h, y, **timing) -> tuple[float, ...]:
     """BP forward, B, I, W and the optimizer step of one stage, exactly as torch's
     PipelineStage runs them: the runner's module and loss (cross entropy / M on the last
     stage, right after its forward), torch's own backward helpers."""
@@ -182,8 +182,8 @@ def measure_stage_times(
     timing = dict(device=device, iters=iters, budget_s=3.0)
     out = []
     for r in partition_blocks(net.n_blocks, n_stages or cfg.stage_count, cfg.pipeline.partition):
-        stage_mod = StageModule(net, r).to(device)
-        module = BPStageModule(stage_mod, cfg, device, fault=None).to(device)
+        stage_mod = Stage(net, r).to(device)
+        module = EngineModule(stage_mod, cfg, device, fault=None).to(device)
         sid = _time_sid(stage_mod, cfg, h_sid, p, y, **timing) if "sid" in parts else (0, 0)
         bp = _time_bp(module, cfg, h_bp, y, **timing) if "bp" in parts else (0,) * 5
         with torch.no_grad():  # the next stage's inputs, and what this one sends

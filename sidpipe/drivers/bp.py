@@ -55,12 +55,12 @@ from torch.distributed.pipelining import (
 
 from sidpipe.config import Config, Schedule
 from sidpipe.data import Batches, DataBundle, TextBatches, TextSplit, eval_splits, train_batches
-from sidpipe.drivers.runner import SPLITS, Fault, LossMeter, StageRunner, global_state_dict
+from sidpipe.drivers.runner import SPLITS, Fault, LossMeter, RankRunner, global_state_dict
 from sidpipe.errors import TrainingError
+from sidpipe.method.learner import autocast, build_optimizer
 from sidpipe.method.loss import at_least_fp32
-from sidpipe.method.stage import autocast, build_optimizer
 from sidpipe.method.step import LN2, depth_scores
-from sidpipe.models.partition import StageModule
+from sidpipe.models.partition import Stage
 from sidpipe.runtime.cadence import (
     EventKind,
     cadence,
@@ -162,10 +162,10 @@ class Clock:
         return out
 
 
-class BPStageModule(nn.Module):
+class EngineModule(nn.Module):
     """What the engine runs on one stage: the blocks (and on the last stage the final head)."""
 
-    def __init__(self, stage: StageModule, cfg: Config, device: torch.device, fault: Fault | None):
+    def __init__(self, stage: Stage, cfg: Config, device: torch.device, fault: Fault | None):
         super().__init__()
         self.stage = stage
         self.device, self.precision = device, cfg.precision
@@ -242,7 +242,7 @@ class CountingStage(PipelineStage):
             self.clock.enter(Span.SEND_WAIT)
 
 
-class BPStageRunner(StageRunner):
+class BPRunner(RankRunner):
     def __init__(self, ctx: DistContext, cfg: Config, run_dir: Path):
         super().__init__(ctx, cfg, run_dir)
         if ctx.staged:
@@ -267,7 +267,7 @@ class BPStageRunner(StageRunner):
         stages = self.build_stages(mine, check=lambda net: check_bp_layout(cfg, self.data, net))
         for stage in stages:
             self.memory.attach(stage.blocks)
-        self.modules = [BPStageModule(st, cfg, ctx.device, self.fault).to(ctx.device)
+        self.modules = [EngineModule(st, cfg, ctx.device, self.fault).to(ctx.device)
                         for st in stages]  # fmt: skip
         self.local = nn.ModuleList(stages)  # what checkpoints save
         params = [p for st in stages for b in st.blocks for p in b.parameters()]

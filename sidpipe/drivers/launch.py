@@ -43,7 +43,7 @@ from sidpipe.config import Config, Method
 from sidpipe.data import load_data
 from sidpipe.drivers.summary import gather_and_write
 from sidpipe.errors import Interrupted, Preempted, SidpipeError, TrainingError
-from sidpipe.method.stage import check_graph_device
+from sidpipe.method.learner import check_graph_device
 from sidpipe.models import build_net
 from sidpipe.models.partition import partition_blocks
 from sidpipe.runtime.device import check_cores, select_device, stage_threads
@@ -66,7 +66,7 @@ FAULT_FILE = "stage{rank}.fault.txt"  # a stage's Python stacks if a signal (SIG
 
 
 if TYPE_CHECKING:
-    from sidpipe.drivers.runner import StageRunner
+    from sidpipe.drivers.runner import RankRunner
 
 # pipeline.partition=auto: measures the blocks and returns the config with concrete cuts
 # (bench/balance.py); called once, in the launcher or on rank 0 under torchrun.
@@ -162,15 +162,15 @@ def stage_main(cfg: Config, run_dir: str, planner: Planner | None = None) -> dic
         else:
             cfg = copy.deepcopy(cfg)
             cfg.pipeline.partition = json.loads(ctx.store.get(CUTS_KEY).decode())
-    runner: StageRunner | None = None
+    runner: RankRunner | None = None
     try:
         # The runners are imported here, in the stage processes: the launcher never needs
         # them (they pull in dynamo, and BP's torch.distributed.pipelining pulls in DTensor:
         # seconds of imports before the first stage could start).
         if cfg.method is Method.bp:
-            from sidpipe.drivers.bp import BPStageRunner as Runner
+            from sidpipe.drivers.bp import BPRunner as Runner
         else:
-            from sidpipe.drivers.sid import SIDStageRunner as Runner
+            from sidpipe.drivers.sid import SIDRunner as Runner
         runner = Runner(ctx, cfg, Path(run_dir))
         runner.preemption = preemption
         result = runner.run()

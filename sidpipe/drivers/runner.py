@@ -23,7 +23,7 @@ from sidpipe.config import Config, to_dict
 from sidpipe.data import load_data, text_bytes_per_token
 from sidpipe.errors import TrainingError
 from sidpipe.models import build_net
-from sidpipe.models.partition import StageModule, partition_blocks
+from sidpipe.models.partition import Stage, partition_blocks
 from sidpipe.runtime.cadence import RunState
 from sidpipe.runtime.checkpoint import CheckpointManager
 from sidpipe.runtime.dist import DistContext
@@ -112,7 +112,7 @@ def global_state_dict(
     return out
 
 
-class StageRunner:
+class RankRunner:
     """Common state of one pipeline stage; subclasses build the method and implement run()."""
 
     def __init__(self, ctx: DistContext, cfg: Config, run_dir: Path):
@@ -132,7 +132,7 @@ class StageRunner:
 
     def build_stages(
         self, stage_ids: list[int], check: Callable[[nn.Module], None] | None = None
-    ) -> list[StageModule]:
+    ) -> list[Stage]:
         """This rank's pipeline stages (slices of the network; the model is cut into
         cfg.stage_count stages). The memory baseline is taken before the model exists.
         check(net): the method's own layout checks, on the whole network."""
@@ -148,7 +148,7 @@ class StageRunner:
         self.checkpoints = CheckpointManager(
             self.cfg, self.run_dir, self.partition, self.ctx.rank, self.ctx.world, self.ctx.store
         )
-        return [StageModule(net, ranges[s]) for s in stage_ids]  # only these blocks stay alive
+        return [Stage(net, ranges[s]) for s in stage_ids]  # only these blocks stay alive
 
     def resume(self, module: nn.Module, optimizers: list[Any], schedulers: list[Any]) -> None:
         restored = self.checkpoints.restore(module, optimizers, schedulers)

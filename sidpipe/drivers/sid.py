@@ -20,9 +20,9 @@ import torch.distributed as dist
 
 from sidpipe.config import Config, Precision
 from sidpipe.data import TextSplit, eval_splits, train_batches
-from sidpipe.drivers.runner import SPLITS, LossMeter, StageRunner, global_state_dict
+from sidpipe.drivers.runner import SPLITS, LossMeter, RankRunner, global_state_dict
 from sidpipe.errors import ConfigError
-from sidpipe.method.stage import SIDStage
+from sidpipe.method.learner import SIDLearner
 from sidpipe.method.step import LN2, depth_scores
 from sidpipe.runtime.cadence import EventKind, cadence, preemptible, total_steps
 from sidpipe.runtime.dist import DistContext
@@ -32,7 +32,7 @@ from sidpipe.runtime.transport import Kind, LoopbackTransport, Message, Transpor
 from sidpipe.runtime.wire import from_wire, to_wire
 
 
-class SIDStageRunner(StageRunner):
+class SIDRunner(RankRunner):
     """transport: how messages move (default: torch.distributed p2p, `Transport`); the fast
     tests pass a `LoopbackTransport` and run every stage as a thread of one process."""
 
@@ -59,14 +59,14 @@ class SIDStageRunner(StageRunner):
         self.n_steps = total_steps(cfg, self.data)
         (module,) = self.build_stages([ctx.rank])
         updates = max(1, self.n_steps // cfg.sid.accumulate_steps)
-        self.stage = SIDStage(module, cfg, updates, ctx.device, self.memory)
+        self.learner = SIDLearner(module, cfg, updates, ctx.device, self.memory)
         self.transport = transport or Transport(
             ctx.rank, ctx.world, ctx.device, cfg.pipeline.queue_depth, ctx.staged,
             cfg.pipeline.reuse_buffers, self.tracer, header_group,
         )  # fmt: skip
         self.busy_s = 0.0
         self.train_busy_s = 0.0  # forward + update of training messages (no send, no eval)
-        self.losses = LossMeter(self.stage.n_modules, ctx.device)
+        self.losses = LossMeter(self.learner.n_modules, ctx.device)
         self.lm = module.per_position  # a language model: beliefs per position, bits per byte
         self.bf16_wire = cfg.pipeline.belief_dtype is Precision.bf16
         self.topk = module.belief_topk  # checked against the classes by build_net
@@ -75,19 +75,19 @@ class SIDStageRunner(StageRunner):
                 f"pipeline.belief_dtype=bf16 needs an even number of classes (beliefs travel "
                 f"as pairs of bf16 in fp32 words); this data has {self.data.num_classes}"
             )
-        self.hits = {s: torch.zeros(self.stage.n_modules, dtype=torch.int64) for s in SPLITS}
+        self.hits = {s: torch.zeros(self.learner.n_modules, dtype=torch.int64) for s in SPLITS}
         # language models: per depth [hits, count, nll in nats], float64
-        self.scores = {s: torch.zeros(self.stage.n_modules, 3, dtype=torch.float64)
+        self.scores = {s: torch.zeros(self.learner.n_modules, 3, dtype=torch.float64)
                        for s in SPLITS}  # fmt: skip
         self.counts = dict.fromkeys(SPLITS, 0)
         self._eval_record: dict[str, Any] = {}
         self.expected_splits = [s for s in SPLITS if s == "test" or self.data.val is not None]
-        self.resume(self.stage.stage, self.stage.optimizers, self.stage.schedulers)
-        self.stage.messages = self.state.messages
+        self.resume(self.learner.stage, self.learner.optimizers, self.learner.schedulers)
+        self.learner.messages = self.state.messages
 
     # ---- the source: stage 0 turns the cadence into messages --------------------------
     def source(self) -> Iterator[Message]:
-        dev, prior = self.ctx.device, self.stage.stage.prior
+        dev, prior = self.ctx.device, self.learner.stage.prior
         events = cadence(self.cfg.train, self.cfg.checkpoint.every_n_steps, self.n_steps,
                          self.state.position, self.batches.epoch)  # fmt: skip
         # a preemption: CHECKPOINT (the same consistent cut as a periodic one), then a STOP
@@ -141,13 +141,13 @@ class SIDStageRunner(StageRunner):
         t0 = time.perf_counter()
         h = self.fault.apply(self.state.step, msg.h) if self.fault else msg.h
         with self.tracer.span(Span.FORWARD):
-            h_out, p_out, losses, _ = self.stage.forward(h, msg.p, msg.y)
+            h_out, p_out, losses, _ = self.learner.forward(h, msg.p, msg.y)
         t1 = time.perf_counter()
         # Send first: the next stage starts while this one runs its backward and step.
         self.send(Message(Kind.TRAIN, msg.step, msg.epoch, h_out, p_out, msg.y))
         t2 = time.perf_counter()
         with self.tracer.span(Span.BACKWARD_STEP):
-            self.stage.update(losses)
+            self.learner.update(losses)
         self.losses.add(losses)
         self.state.step += 1
         self.state.samples += msg.y.shape[0]
@@ -163,7 +163,7 @@ class SIDStageRunner(StageRunner):
         self.state.pause_clock()  # training time excludes evaluation
         t0 = time.perf_counter()
         with self.tracer.span(Span.EVAL):
-            h_out, p_out, logits = self.stage.eval_forward(msg.h, msg.p)
+            h_out, p_out, logits = self.learner.eval_forward(msg.h, msg.p)
         split = SPLITS[msg.split]
         if self.lm:
             self.scores[split] += depth_scores(logits, msg.y).cpu()
@@ -212,10 +212,10 @@ class SIDStageRunner(StageRunner):
         self.state.pause_clock()
         self.send(msg)  # downstream saves while this stage does
         self.state.epoch, self.state.batch = msg.epoch, msg.split
-        self.state.messages = self.stage.messages
+        self.state.messages = self.learner.messages
         with self.tracer.span(Span.CHECKPOINT):
             self.checkpoints.save(
-                self.state, self.stage.stage, self.stage.optimizers, self.stage.schedulers
+                self.state, self.learner.stage, self.learner.optimizers, self.learner.schedulers
             )
 
     def on_epoch_end(self, msg: Message) -> None:
@@ -261,6 +261,6 @@ class SIDStageRunner(StageRunner):
 
     def global_state_dict(self) -> dict[str, torch.Tensor]:
         """This stage's blocks and their belief heads under the whole network's names."""
-        module, start = self.stage.stage, self.stage.stage.first
+        module, start = self.learner.stage, self.learner.stage.first
         heads = {start + j: head for j, head in enumerate(module.heads)}
         return global_state_dict(module.blocks, heads, start)

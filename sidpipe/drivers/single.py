@@ -1,7 +1,7 @@
 """The single-process driver: SID `blockwise`, SID `shared` (the reference algorithm) and BP.
 
 `train_single(cfg, run_dir)` is the exact sequential reference for the pipelines: the
-blockwise method runs one `SIDStage` over every block; BP accumulates gradients over
+blockwise method runs one `SIDLearner` over every block; BP accumulates gradients over
 `pipeline.microbatches` microbatches per batch, as the pipeline schedules do. The loop
 consumes the same run cadence as the pipeline runners (docs/design.md §4).
 """
@@ -69,7 +69,7 @@ def _train_single(cfg: Config, run_dir: Path, preemption: Preemption) -> dict[st
     n_steps = total_steps(cfg, data)
     updates = n_steps // (cfg.sid.accumulate_steps if cfg.method is Method.sid else 1)
     method = make_method(cfg, net, max(1, updates), device)
-    module = method.stage.stage if isinstance(method, BlockwiseSID) else method.net
+    module = method.learner.stage if isinstance(method, BlockwiseSID) else method.net
     n_parts = net.n_blocks if isinstance(net, BlockNet) else net.n_modules
     checkpoints = CheckpointManager(cfg, run_dir, [[0, n_parts]])
     metrics = make_logger(run_dir, to_dict(cfg), cfg.logger)

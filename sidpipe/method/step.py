@@ -1,6 +1,6 @@
 """The three single-process methods, each a step function and a per-depth evaluation.
 
-`BlockwiseSID` is one `SIDStage` over every block (the sequential reference of the SID
+`BlockwiseSID` is one `SIDLearner` over every block (the sequential reference of the SID
 pipeline); `SharedSID` is the reference algorithm (a shared extractor trained by the sum of
 the module losses); `Backprop` is end-to-end cross-entropy with gradients accumulated over
 `pipeline.microbatches`, as the BP pipeline schedules do.
@@ -16,11 +16,11 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from sidpipe.config import Config, Method, Variant
+from sidpipe.method.learner import SIDLearner, autocast, build_optimizer
 from sidpipe.method.loss import at_least_fp32, sid_loss
-from sidpipe.method.stage import SIDStage, autocast, build_optimizer
 from sidpipe.models import BlockNet
 from sidpipe.models.heads import uniform_prior
-from sidpipe.models.partition import StageModule
+from sidpipe.models.partition import Stage
 from sidpipe.models.shared import SharedSIDNet
 
 
@@ -28,26 +28,26 @@ class BlockwiseSID:
     def __init__(self, cfg: Config, net: BlockNet, total: int, device: torch.device):
         self.net = net.to(device)
         self.device = device
-        self.stage = SIDStage(StageModule(net, range(net.n_blocks)), cfg, total, device)
-        self.optimizers, self.schedulers = self.stage.optimizers, self.stage.schedulers
+        self.learner = SIDLearner(Stage(net, range(net.n_blocks)), cfg, total, device)
+        self.optimizers, self.schedulers = self.learner.optimizers, self.learner.schedulers
 
     @property
     def messages(self) -> int:
         """Messages seen: sid.accumulate_steps counts them; checkpoints save it."""
-        return self.stage.messages
+        return self.learner.messages
 
     @messages.setter
     def messages(self, n: int) -> None:
-        self.stage.messages = n
+        self.learner.messages = n
 
     def step(self, x: Tensor, y: Tensor) -> list[Tensor]:
         p0 = self.net.prior(x).float()
-        _, _, losses, _ = self.stage.forward(x, p0, y)
-        self.stage.update(losses)
+        _, _, losses, _ = self.learner.forward(x, p0, y)
+        self.learner.update(losses)
         return [loss.detach() for loss in losses]
 
     def logits(self, x: Tensor) -> list[Tensor]:
-        return self.stage.eval_forward(x, self.net.prior(x).float())[2]
+        return self.learner.eval_forward(x, self.net.prior(x).float())[2]
 
 
 class SharedSID:

@@ -28,7 +28,7 @@ from sidpipe.models.heads import (
     uniform_prior,
 )
 from sidpipe.models.mlp import mlp_layers
-from sidpipe.models.partition import StageModule, even_sizes, partition_blocks, stage_modules
+from sidpipe.models.partition import Stage, even_sizes, partition_blocks, stage_modules
 from sidpipe.models.resnet import resnet18_layers
 from sidpipe.models.shared import SharedSIDNet
 from sidpipe.models.vit import vit_tiny_layers
@@ -38,7 +38,7 @@ __all__ = [
     "BeliefHead",
     "BlockNet",
     "SharedSIDNet",
-    "StageModule",
+    "Stage",
     "build_model",
     "natural_layers",
     "partition_blocks",

@@ -57,7 +57,7 @@ def partition_blocks(n_blocks: int, stages: int, cuts: Sequence[int] | None = No
     return [range(a, b) for a, b in zip(bounds, bounds[1:], strict=False)]
 
 
-class StageModule(nn.Module):
+class Stage(nn.Module):
     """The slice of a BlockNet one pipeline stage hosts: blocks[i] and heads[i] for i in range.
 
     Holds references (not copies), so the stage and the net share parameters.
@@ -124,8 +124,6 @@ def _is_int(c: object) -> bool:
     return isinstance(c, numbers.Integral) and not isinstance(c, bool)
 
 
-def stage_modules(
-    net: BlockNet, stages: int, cuts: Sequence[int] | None = None
-) -> list[StageModule]:
-    """One StageModule per pipeline stage, covering all of net's blocks in order."""
-    return [StageModule(net, r) for r in partition_blocks(net.n_blocks, stages, cuts)]
+def stage_modules(net: BlockNet, stages: int, cuts: Sequence[int] | None = None) -> list[Stage]:
+    """One Stage per pipeline stage, covering all of net's blocks in order."""
+    return [Stage(net, r) for r in partition_blocks(net.n_blocks, stages, cuts)]

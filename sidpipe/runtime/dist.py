@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from sidpipe.config import Config, Transport
+from sidpipe.config import Config, TransportBackend
 from sidpipe.errors import TrainingError
 from sidpipe.runtime.device import check_cores, select_device, set_threads
 
@@ -118,7 +118,7 @@ class DistContext:
 def check_transport(cfg: Config, device: torch.device) -> None:
     """NCCL moves CUDA tensors only: refused on a CPU stage (by the launcher, before any
     stage starts, and by each stage under torchrun)."""
-    if cfg.pipeline.transport is Transport.nccl and device.type != "cuda":
+    if cfg.pipeline.transport is TransportBackend.nccl and device.type != "cuda":
         raise TrainingError(
             f"pipeline.transport=nccl needs CUDA devices, and this stage runs on {device.type} "
             "(no GPU found, or device=cpu): use pipeline.transport=auto or gloo"
@@ -166,15 +166,15 @@ def init_distributed(cfg: Config) -> DistContext:
     set_threads(cfg, local_rank, local_stages)
     device = select_device(cfg, local_rank)
     transport = cfg.pipeline.transport
-    if transport is Transport.auto:
+    if transport is TransportBackend.auto:
         # NCCL refuses two ranks on one GPU: with fewer GPUs than local stages, stage through
         # pinned host memory over gloo instead.
         local_world = int(os.environ.get("LOCAL_WORLD_SIZE", world))
         enough_gpus = device.type == "cuda" and torch.cuda.device_count() >= local_world
-        transport = Transport.nccl if enough_gpus else Transport.gloo
+        transport = TransportBackend.nccl if enough_gpus else TransportBackend.gloo
     check_transport(cfg, device)
-    staged = device.type == "cuda" and transport in (Transport.gloo, Transport.staged)
-    backend = "nccl" if transport is Transport.nccl else "gloo"
+    staged = device.type == "cuda" and transport in (TransportBackend.gloo, TransportBackend.staged)
+    backend = "nccl" if transport is TransportBackend.nccl else "gloo"
     if device.type == "cuda":
         torch.cuda.set_device(device)
     timeout = timedelta(seconds=cfg.pipeline.timeout_s)

@@ -10,9 +10,9 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from sidpipe.bench.balance import BlockCost, best_cuts, message_step
 from sidpipe.config import Config, ModelConfig
-from sidpipe.method.stage import SIDStage
+from sidpipe.method.learner import SIDLearner
 from sidpipe.models import build_model
-from sidpipe.models.partition import StageModule
+from sidpipe.models.partition import Stage
 from sidpipe.runtime.io import load_state
 from tests.conftest import TINY, read_summary, run_cli
 
@@ -64,7 +64,7 @@ def test_measured_block_step_carries_the_head():
         torch.manual_seed(0)
         net = build_model(cfg.model, (1, 8, 8), num_classes=10)
         x, y = torch.randn(6, 1, 8, 8), torch.randint(0, 10, (6,))
-        stage = SIDStage(StageModule(net, range(0, 1)), cfg, 10, torch.device("cpu"))
+        stage = SIDLearner(Stage(net, range(0, 1)), cfg, 10, torch.device("cpu"))
         step, out = message_step(stage, x, net.prior(x), y)
         steps[kind] = _flops(step)
         h, head, p = out["fwd"][0].detach().requires_grad_(), net.heads[0], net.prior(x)

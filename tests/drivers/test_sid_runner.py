@@ -17,7 +17,7 @@ import torch.distributed as dist
 
 from sidpipe.config import compose_config
 from sidpipe.drivers.runner import PeerFailure
-from sidpipe.drivers.sid import SIDStageRunner
+from sidpipe.drivers.sid import SIDRunner
 from sidpipe.drivers.single import train_single
 from sidpipe.runtime.dist import DistContext
 from sidpipe.runtime.io import load_state
@@ -43,7 +43,7 @@ def run_stages(cfg, run_dir: Path, fault_stage: int | None = None) -> list:
         ctx = DistContext(rank, world, rank, torch.device("cpu"), "gloo", False, store)
         try:
             with building:
-                runner = SIDStageRunner(ctx, cfg, run_dir, LoopbackTransport(rank, links, 30.0))
+                runner = SIDRunner(ctx, cfg, run_dir, LoopbackTransport(rank, links, 30.0))
             if rank == fault_stage:
                 runner.fault = BreakAt(7)
             results[rank] = runner.run()

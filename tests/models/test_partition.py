@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from sidpipe.models import build_model
-from sidpipe.models.partition import StageModule, partition_blocks, stage_modules
+from sidpipe.models.partition import Stage, partition_blocks, stage_modules
 
 torch.set_num_threads(1)
 
@@ -123,12 +123,12 @@ def test_composition_with_cuts_and_regrouped_blocks():
 
 def test_stage_shares_parameters():
     net = build_model(cfg("simplecnn"), (1, 8, 8), num_classes=3)
-    st = StageModule(net, range(1, 3))
+    st = Stage(net, range(1, 3))
     assert st.blocks[0] is net.blocks[1] and st.heads[1] is net.heads[2]
     net_params = {id(p) for p in net.parameters()}
     assert {id(p) for p in st.parameters()} <= net_params
     assert st.first == 1 and st.block_range == range(1, 3)
     with pytest.raises(ValueError):
-        StageModule(net, range(3, 5))
+        Stage(net, range(3, 5))
     with pytest.raises(ValueError, match=r"pipeline\.stages=5 exceeds"):
         stage_modules(net, 5)

@@ -1,7 +1,7 @@
 """What one SID stage computes: forward its modules, then update each from its local loss.
 
-The single-process blockwise trainer is a `SIDStage` over all blocks; a pipeline stage is a
-`SIDStage` over its slice. Both run this same code, so the pipeline can only differ from
+The single-process blockwise trainer is a `SIDLearner` over all blocks; a pipeline stage is a
+`SIDLearner` over its slice. Both run this same code, so the pipeline can only differ from
 the sequential reference through what the runtime moves (docs/design.md §8).
 """
 
@@ -21,7 +21,7 @@ from sidpipe.errors import ConfigError
 from sidpipe.method.graphs import WARMUP, StepGraphs
 from sidpipe.method.loss import sid_loss
 from sidpipe.models.heads import sparse_prior
-from sidpipe.models.partition import StageModule
+from sidpipe.models.partition import Stage
 
 
 class Probe(Protocol):
@@ -85,12 +85,12 @@ def autocast(
     return contextlib.nullcontext()
 
 
-class SIDStage:
+class SIDLearner:
     """Blocks, heads and the optimizer of the SID modules of one stage."""
 
     def __init__(
         self,
-        stage: StageModule,
+        stage: Stage,
         cfg: Config,
         total_updates: int,
         device: torch.device,
@@ -107,7 +107,7 @@ class SIDStage:
         # One optimizer for all of the stage's modules (unless optim.per_module). Adam, AdamW
         # and SGD update every element independently, so this is exactly one optimizer per
         # module, in one fused kernel per step instead of one per module (measured: half the
-        # update time on CPU; tests/test_stage.py checks the equality).
+        # update time on CPU; tests/method/test_learner.py checks the equality).
         groups = (
             [[*b.parameters(), *h.parameters()] for b, h in zip(stage.blocks, stage.heads)]
             if cfg.optim.per_module

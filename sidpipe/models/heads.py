@@ -183,17 +183,34 @@ def _avg_pool(size: tuple[int, int], out: tuple[int, int]) -> nn.Module:
     return nn.AdaptiveAvgPool2d(out)
 
 
-def _check_chw(kind: str, feature_shape: tuple[int, ...], where: str) -> tuple[int, int, int]:
-    if len(feature_shape) != 3:
-        raise ConfigError(
-            f"model.head={kind} needs convnet features (C,H,W), but {where} gives "
-            f"{feature_shape}; use model.head=pool"
-        )
-    c, h, w = feature_shape
-    return c, h, w
+class _ConvnetHead(nn.Module):
+    """A head over a convnet block's (C, H, W) map: `features` (built by the subclass) turn
+    it into a vector, and `out` maps cat(features, prior) to K logits."""
+
+    features: nn.Module
+    out: nn.Module
+
+    def _set_shape(
+        self, kind: str, feature_shape: tuple[int, ...], num_classes: int, where: str
+    ) -> tuple[int, int, int]:
+        shape = tuple(int(s) for s in feature_shape)
+        if len(shape) != 3:
+            raise ConfigError(
+                f"model.head={kind} needs convnet features (C,H,W), but {where} gives "
+                f"{shape}; use model.head=pool"
+            )
+        self.feature_shape, self.num_classes = shape, num_classes
+        return shape  # type: ignore[return-value]
+
+    def forward(self, h: Tensor, prior: Tensor) -> Tensor:
+        f = self.features(h)
+        return self.out(torch.cat((f, prior.to(f.dtype)), dim=1))
+
+    def extra_repr(self) -> str:
+        return f"feature_shape={self.feature_shape}, num_classes={self.num_classes}"
 
 
-class SpatialBeliefHead(nn.Module):
+class SpatialBeliefHead(_ConvnetHead):
     """`model.head=spatial`: DGL's MLP-SR head with the previous belief.
 
     adaptive-avg-pool to (clamp(H/4, 2, 8), clamp(W/4, 2, 8)) (at most H x W) -> `layers` x
@@ -214,8 +231,7 @@ class SpatialBeliefHead(nn.Module):
         where: str = "the block",
     ) -> None:
         super().__init__()
-        c, h, w = _check_chw("spatial", tuple(int(s) for s in feature_shape), where)
-        self.feature_shape, self.num_classes = (c, h, w), num_classes
+        c, h, w = self._set_shape("spatial", feature_shape, num_classes, where)
         # a map already smaller than 2x2 is kept as it is: pooling "up" would only copy it
         self.reduced = (min(h, 8, max(2, h // 4)), min(w, 8, max(2, w // 4)))
         self.kept = (min(2, self.reduced[0]), min(2, self.reduced[1]))
@@ -225,17 +241,10 @@ class SpatialBeliefHead(nn.Module):
             mods += _conv_bn_relu(c if i == 0 else ch, ch, kernel=1)
         mods += [_avg_pool(self.reduced, self.kept), nn.Flatten()]
         self.features = nn.Sequential(*mods)
-        self.mlp = _mlp(ch * self.kept[0] * self.kept[1] + num_classes, hidden, num_classes)
-
-    def forward(self, h: Tensor, prior: Tensor) -> Tensor:
-        f = self.features(h)
-        return self.mlp(torch.cat((f, prior.to(f.dtype)), dim=1))
-
-    def extra_repr(self) -> str:
-        return f"feature_shape={self.feature_shape}, num_classes={self.num_classes}"
+        self.out = _mlp(ch * self.kept[0] * self.kept[1] + num_classes, hidden, num_classes)
 
 
-class ConvBeliefHead(nn.Module):
+class ConvBeliefHead(_ConvnetHead):
     """`model.head=conv`: InfoPro's head with the previous belief.
 
     3x3 stride-2 conv + BN + ReLU at max(C, width) channels -> global average pool ->
@@ -252,8 +261,7 @@ class ConvBeliefHead(nn.Module):
         where: str = "the block",
     ) -> None:
         super().__init__()
-        c, h, w = _check_chw("conv", tuple(int(s) for s in feature_shape), where)
-        self.feature_shape, self.num_classes = (c, h, w), num_classes
+        c, h, w = self._set_shape("conv", feature_shape, num_classes, where)
         ch = max(c, width)
         mods: list[nn.Module] = [*_conv_bn_relu(c, ch, kernel=3, stride=2)]
         mods += [nn.AdaptiveAvgPool2d(1), nn.Flatten()]
@@ -261,13 +269,6 @@ class ConvBeliefHead(nn.Module):
             mods += [nn.Linear(ch, hidden), nn.ReLU()]
         self.features = nn.Sequential(*mods)
         self.out = nn.Linear((hidden or ch) + num_classes, num_classes)
-
-    def forward(self, h: Tensor, prior: Tensor) -> Tensor:
-        f = self.features(h)
-        return self.out(torch.cat((f, prior.to(f.dtype)), dim=1))
-
-    def extra_repr(self) -> str:
-        return f"feature_shape={self.feature_shape}, num_classes={self.num_classes}"
 
 
 def make_head(

@@ -102,13 +102,13 @@ def test_spatial_head_reduces_to_a_quarter_within_2_to_8():
         assert torch.allclose(first(x), nn.functional.adaptive_avg_pool2d(x, reduced))
         mid = torch.randn(2, 4, reduced, reduced)
         assert torch.allclose(last(mid), nn.functional.adaptive_avg_pool2d(mid, 2))
-        assert head.mlp.in_features == 4 * 4 + 2  # 2x2 of 4 channels, then the belief
+        assert head.out.in_features == 4 * 4 + 2  # 2x2 of 4 channels, then the belief
 
 
 def test_spatial_head_does_not_pool_up_a_map_smaller_than_2x2():
     head = SpatialBeliefHead((3, 1, 5), num_classes=2, hidden=0, width=4)
     assert head.reduced == (1, 2) and head.kept == (1, 2)
-    assert head.mlp.in_features == 4 * 2 + 2
+    assert head.out.in_features == 4 * 2 + 2
 
 
 def test_spatial_head_keeps_where_a_feature_fired():

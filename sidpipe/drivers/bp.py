@@ -62,9 +62,11 @@ from sidpipe.method.loss import at_least_fp32
 from sidpipe.method.step import LN2, depth_scores
 from sidpipe.models.partition import Stage
 from sidpipe.runtime.cadence import (
+    Event,
     EventKind,
     cadence,
     preemptible,
+    run_cadence,
     steps_per_epoch,
     total_steps,
 )
@@ -427,6 +429,16 @@ class BPRunner(RankRunner):
             self.metrics.log(record)
             self.print_eval(record)
 
+    # ---- per cadence event ------------------------------------------------------------
+    def on_train(self, ev: Event) -> None:
+        self.train_step(ev.x, ev.y)
+        if self.state.step % self.cfg.train.log_every == 0:
+            self.log_train(self.losses, ev.epoch)
+
+    def on_epoch_end(self, ev: Event) -> None:
+        if self.losses.count:
+            self.log_train(self.losses, ev.epoch)
+
     # ---- the loop ----------------------------------------------------------------------
     def run(self) -> dict[str, Any]:
         cfg, state = self.cfg, self.state
@@ -444,26 +456,17 @@ class BPRunner(RankRunner):
                          self.batches)  # fmt: skip
         # a preemption: every rank stops after the same agreed step, with a checkpoint there
         self.preemption.poll_s = 0.0  # asked at every step: see Preemption.agreed
-        for ev in preemptible(events, self.preemption.agreed, state.step):
-            if ev.kind is EventKind.TRAIN:
-                state.start_clock()
-                self.train_step(ev.x, ev.y)
-                state.advance(ev)
-                if state.step % cfg.train.log_every == 0:
-                    self.log_train(self.losses, ev.epoch)
-                continue
-            state.pause_clock()  # training time excludes evaluation and checkpoints
-            if ev.kind is EventKind.CHECKPOINT:
-                # every stage reaches step k together: the schedule is lockstep
-                self.checkpoints.save(state, self.local, [self.opt], [self.sched])
-            elif ev.kind is EventKind.EVAL:
-                self.run_eval(ev.step, ev.epoch)
-            elif ev.kind is EventKind.EPOCH_END:
-                state.advance(ev)
-                if self.losses.count:
-                    self.log_train(self.losses, ev.epoch)
-            elif ev.kind is EventKind.PREEMPT:
-                self.preempted = True
+        on = {
+            EventKind.TRAIN: self.on_train,
+            # every stage reaches step k together: the schedule is lockstep
+            EventKind.CHECKPOINT: lambda ev: self.checkpoints.save(
+                state, self.local, [self.opt], [self.sched]
+            ),
+            EventKind.EVAL: lambda ev: self.run_eval(ev.step, ev.epoch),
+            EventKind.EPOCH_END: self.on_epoch_end,
+        }
+        last = run_cadence(preemptible(events, self.preemption.agreed, state.step), on, state)
+        self.preempted = last.kind is EventKind.PREEMPT
         self.clock.enter(Span.DONE)
         wall = time.perf_counter() - start
         if not self.preempted:  # a preempted run's parameters are in its checkpoint

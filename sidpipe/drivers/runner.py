@@ -1,4 +1,4 @@
-"""The contract both pipeline stage runners (SID and BP) keep, and what they share.
+"""The contract both rank runners (SID and BP) keep, and what they share.
 
 A runner is built on every rank with (ctx, cfg, run_dir), consumes the run cadence
 (runtime/cadence.py; SID through messages), and returns its per-stage numbers from `run()`.

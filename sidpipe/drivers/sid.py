@@ -10,7 +10,6 @@ sequence of events in the same order as the sequential trainer (docs/design.md Â
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -24,7 +23,7 @@ from sidpipe.drivers.runner import SPLITS, LossMeter, RankRunner, global_state_d
 from sidpipe.errors import ConfigError
 from sidpipe.method.learner import SIDLearner
 from sidpipe.method.step import LN2, depth_scores
-from sidpipe.runtime.cadence import EventKind, cadence, preemptible, total_steps
+from sidpipe.runtime.cadence import Event, EventKind, cadence, preemptible, run_cadence, total_steps
 from sidpipe.runtime.dist import DistContext
 from sidpipe.runtime.io import save_state
 from sidpipe.runtime.trace import Span
@@ -86,48 +85,65 @@ class SIDRunner(RankRunner):
         self.learner.messages = self.state.messages
 
     # ---- the source: stage 0 turns the cadence into messages --------------------------
-    def source(self) -> Iterator[Message]:
+    def run_source(self) -> Message:
+        """Stage 0: the cadence's events, as messages, through this stage's own handlers;
+        returns the STOP to send on. A preemption is a CHECKPOINT (the same consistent cut
+        as a periodic one), then a STOP whose split slot says "preempted" (1): every stage
+        saves, passes it on and stops."""
         dev, prior = self.ctx.device, self.learner.stage.prior
         events = cadence(self.cfg.train, self.cfg.checkpoint.every_n_steps, self.n_steps,
                          self.state.position, self.batches.epoch)  # fmt: skip
-        # a preemption: CHECKPOINT (the same consistent cut as a periodic one), then a STOP
-        # whose split slot says "preempted" (1): every stage saves, passes it on and stops
-        stop_after = lambda _: self.preemption.requested()  # noqa: E731
-        for ev in preemptible(events, stop_after, self.state.step):
-            if ev.kind is EventKind.TRAIN:
-                x, y = ev.x.to(dev), ev.y.to(dev)
-                # a TRAIN message's step is the batch's index (steps done before it)
-                yield Message(Kind.TRAIN, ev.step - 1, ev.epoch, x, prior(x).float(), y)
-            elif ev.kind is EventKind.CHECKPOINT:
-                # split = the next batch's index in this epoch: where a resume starts
-                yield Message(Kind.CHECKPOINT, ev.step, ev.epoch, split=ev.batch)
-            elif ev.kind is EventKind.EVAL:
-                for split_id, name in enumerate(SPLITS):
-                    if name in self.splits:
-                        for x, y in self.splits[name].epoch(0):
-                            x, y = x.to(dev), y.to(dev)
-                            yield Message(Kind.EVAL, ev.step, ev.epoch, x, prior(x).float(), y,
-                                          split=split_id)  # fmt: skip
-                        # per-depth [hits, count] (language models: + nll, float64)
-                        table = (torch.zeros(0, 3, dtype=torch.float64) if self.lm
-                                 else torch.zeros(0, 2, dtype=torch.int64))  # fmt: skip
-                        yield Message(Kind.EVAL_END, ev.step, ev.epoch, table, split=split_id)
-            elif ev.kind is EventKind.EPOCH_END:
-                yield Message(Kind.EPOCH_END, ev.step, ev.epoch)
-            elif ev.kind is EventKind.PREEMPT:
-                yield Message(Kind.STOP, ev.step, ev.epoch, split=1)
-            else:
-                yield Message(Kind.STOP, ev.step, ev.epoch)
 
-    def messages(self) -> Iterator[Message]:
-        if self.first:
-            yield from self.source()
-        else:
-            while True:
-                msg = self.transport.recv()  # traces "recv-wait" and "recv" itself
-                yield from_wire(msg, self.bf16_wire, self.lm, self.topk, self.data.num_classes)
-                if msg.kind is Kind.STOP:
-                    return
+        def train(ev: Event) -> None:
+            x, y = ev.x.to(dev), ev.y.to(dev)
+            # a TRAIN message's step is the batch's index (steps done before it)
+            self.on_train(Message(Kind.TRAIN, ev.step - 1, ev.epoch, x, prior(x).float(), y))
+
+        def evaluate(ev: Event) -> None:
+            for split_id, name in enumerate(SPLITS):
+                if name in self.splits:
+                    for x, y in self.splits[name].epoch(0):
+                        x, y = x.to(dev), y.to(dev)
+                        self.on_eval(Message(Kind.EVAL, ev.step, ev.epoch, x, prior(x).float(),
+                                             y, split=split_id))  # fmt: skip
+                    # per-depth [hits, count] (language models: + nll, float64)
+                    table = (torch.zeros(0, 3, dtype=torch.float64) if self.lm
+                             else torch.zeros(0, 2, dtype=torch.int64))  # fmt: skip
+                    self.on_eval_end(Message(Kind.EVAL_END, ev.step, ev.epoch, table,
+                                             split=split_id))  # fmt: skip
+
+        on = {
+            EventKind.TRAIN: train,
+            # split = the next batch's index in this epoch: where a resume starts
+            EventKind.CHECKPOINT: lambda ev: self.on_checkpoint(
+                Message(Kind.CHECKPOINT, ev.step, ev.epoch, split=ev.batch)
+            ),
+            EventKind.EVAL: evaluate,
+            EventKind.EPOCH_END: lambda ev: self.on_epoch_end(
+                Message(Kind.EPOCH_END, ev.step, ev.epoch)
+            ),
+        }
+        stop_after = lambda _: self.preemption.requested()  # noqa: E731
+        last = run_cadence(preemptible(events, stop_after, self.state.step), on, None)
+        return Message(Kind.STOP, last.step, last.epoch,
+                       split=int(last.kind is EventKind.PREEMPT))  # fmt: skip
+
+    def run_received(self) -> Message:
+        """Stages after 0: every message from upstream through this stage's handlers;
+        returns the STOP that ends them."""
+        handlers = {
+            Kind.TRAIN: self.on_train,
+            Kind.EVAL: self.on_eval,
+            Kind.EVAL_END: self.on_eval_end,
+            Kind.EPOCH_END: self.on_epoch_end,
+            Kind.CHECKPOINT: self.on_checkpoint,
+        }
+        while True:
+            raw = self.transport.recv()  # traces "recv-wait" and "recv" itself
+            msg = from_wire(raw, self.bf16_wire, self.lm, self.topk, self.data.num_classes)
+            if msg.kind is Kind.STOP:
+                return msg
+            handlers[msg.kind](msg)
 
     def send(self, msg: Message) -> None:
         if not self.last:
@@ -227,20 +243,10 @@ class SIDRunner(RankRunner):
 
     # ---- the loop ---------------------------------------------------------------------
     def run(self) -> dict[str, Any]:
-        handlers = {
-            Kind.TRAIN: self.on_train,
-            Kind.EVAL: self.on_eval,
-            Kind.EVAL_END: self.on_eval_end,
-            Kind.EPOCH_END: self.on_epoch_end,
-            Kind.CHECKPOINT: self.on_checkpoint,
-        }
         start = time.perf_counter()
-        for msg in self.messages():
-            if msg.kind is Kind.STOP:
-                self.send(msg)
-                self.preempted = msg.split == 1
-                break
-            handlers[msg.kind](msg)
+        stop = self.run_source() if self.first else self.run_received()
+        self.send(stop)
+        self.preempted = stop.split == 1
         self.state.pause_clock()
         self.transport.flush()
         wall = time.perf_counter() - start

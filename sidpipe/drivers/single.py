@@ -24,7 +24,15 @@ from sidpipe.drivers.summary import write_summary
 from sidpipe.errors import Preempted
 from sidpipe.method.step import BlockwiseSID, evaluate_split, make_method
 from sidpipe.models import BlockNet, build_net
-from sidpipe.runtime.cadence import EventKind, RunState, cadence, preemptible, total_steps
+from sidpipe.runtime.cadence import (
+    Event,
+    EventKind,
+    RunState,
+    cadence,
+    preemptible,
+    run_cadence,
+    total_steps,
+)
 from sidpipe.runtime.checkpoint import CheckpointManager, latest_good
 from sidpipe.runtime.device import select_device, set_threads
 from sidpipe.runtime.io import atomic_write_json, save_state
@@ -90,10 +98,10 @@ def _train_single(cfg: Config, run_dir: Path, preemption: Preemption) -> dict[st
     losses = LossMeter(1 if cfg.method is Method.bp else n_parts, device)
     lm = getattr(net, "per_position", False)  # a language model: bits per byte too
 
-    def log_train(epoch: int) -> None:
-        mean = losses.mean(f"step {state.step} (epoch {epoch})")
+    def log_train(ev: Event) -> None:
+        mean = losses.mean(f"step {ev.step} (epoch {ev.epoch})")
         if mean is not None:
-            metrics.log({"kind": "train", "step": state.step, "epoch": epoch, "loss": mean})
+            metrics.log({"kind": "train", "step": ev.step, "epoch": ev.epoch, "loss": mean})
             if bar is not None:
                 bar.set_postfix(loss=f"{mean[-1]:.4f}")
 
@@ -114,35 +122,32 @@ def _train_single(cfg: Config, run_dir: Path, preemption: Preemption) -> dict[st
             log.info("epoch %d step %d: test accuracy %.4f%s",
                      epoch, step, record["test_per_depth"][-1], val)  # fmt: skip
 
+    def train(ev: Event) -> None:
+        t0 = time.perf_counter()
+        x, y = ev.x.to(device, non_blocking=True), ev.y.to(device, non_blocking=True)
+        losses.add(method.step(x, y))
+        memory.sample()
+        state.samples += y.shape[0]  # samples: images, or windows of a text
+        if ev.step % cfg.train.log_every == 0:
+            log_train(ev)
+        tracer.add(Span.TRAIN, t0, time.perf_counter(), n=int(y.shape[0]))
+        if bar is not None:
+            bar.update(1)
+
+    def checkpoint(ev: Event) -> None:
+        state.messages = getattr(method, "messages", 0)
+        checkpoints.save(state, module, method.optimizers, method.schedulers)
+
     events = cadence(cfg.train, cfg.checkpoint.every_n_steps, n_steps, state.position,
                      batches.epoch)  # fmt: skip
-    preempted = False
-    for ev in preemptible(events, lambda _: preemption.requested(), state.step):
-        if ev.kind is EventKind.TRAIN:
-            state.start_clock()
-            t0 = time.perf_counter()
-            x, y = ev.x.to(device, non_blocking=True), ev.y.to(device, non_blocking=True)
-            losses.add(method.step(x, y))
-            memory.sample()
-            state.advance(ev)
-            state.samples += y.shape[0]  # samples: images, or windows of a text
-            if state.step % cfg.train.log_every == 0:
-                log_train(ev.epoch)
-            tracer.add(Span.TRAIN, t0, time.perf_counter(), n=int(y.shape[0]))
-            if bar is not None:
-                bar.update(1)
-            continue
-        state.pause_clock()  # training time excludes evaluation and checkpoints
-        if ev.kind is EventKind.CHECKPOINT:
-            state.messages = getattr(method, "messages", 0)
-            checkpoints.save(state, module, method.optimizers, method.schedulers)
-        elif ev.kind is EventKind.EVAL:
-            evaluation(ev.step, ev.epoch)
-        elif ev.kind is EventKind.EPOCH_END:
-            state.advance(ev)
-            log_train(ev.epoch)
-        elif ev.kind is EventKind.PREEMPT:
-            preempted = True
+    on = {
+        EventKind.TRAIN: train,
+        EventKind.CHECKPOINT: checkpoint,
+        EventKind.EVAL: lambda ev: evaluation(ev.step, ev.epoch),
+        EventKind.EPOCH_END: log_train,
+    }
+    last = run_cadence(preemptible(events, lambda _: preemption.requested(), state.step), on, state)
+    preempted = last.kind is EventKind.PREEMPT
     if bar is not None:
         bar.close()
     if preempted:

@@ -2,8 +2,9 @@
 
 `cadence` is the one event source: TRAIN for every batch, CHECKPOINT every
 `checkpoint.every_n_steps`, EVAL every `train.eval_every_steps` and at epoch ends (and at the
-end), EPOCH_END, and a final STOP. The single-process trainer and the BP pipeline consume it
-directly; the SID pipeline's stage 0 turns it into messages, so every stage sees the same
+end), EPOCH_END, and a final STOP. `run_cadence` is the one loop over it: each driver hands
+it one handler per event kind. The single-process trainer and the BP pipeline act on the
+events; the SID pipeline's stage 0 turns them into messages, so every stage sees the same
 sequence of events in the same order as the sequential trainer.
 
 `RunState` is everything a checkpoint must restore besides parameters and optimizer state:
@@ -14,7 +15,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import asdict, dataclass, field
 from enum import Enum
 from typing import Any
@@ -97,6 +98,36 @@ def preemptible(
         if ev.kind is EventKind.CHECKPOINT:
             saved = ev.step
         yield ev
+
+
+Handlers = Mapping[EventKind, Callable[[Event], None]]
+
+
+def run_cadence(events: Iterable[Event], on: Handlers, state: RunState | None) -> Event:
+    """The one event loop of every driver: hand each event to the driver's handler for its
+    kind (a kind without one needs nothing) until STOP or PREEMPT, and return that event.
+
+    With `state`, the loop keeps the run's clock (training time runs while TRAIN events
+    are handled, paused by every other event) and position (moved past each TRAIN and
+    EPOCH_END event once its handler has run: a handler reads the event's own step). The
+    SID pipeline passes None: its stage 0 turns events into messages, and every stage
+    keeps its own state from those."""
+    for ev in events:
+        if ev.kind in (EventKind.STOP, EventKind.PREEMPT):
+            if state is not None:
+                state.pause_clock()
+            return ev
+        if state is not None:
+            if ev.kind is EventKind.TRAIN:
+                state.start_clock()
+            else:
+                state.pause_clock()
+        handler = on.get(ev.kind)
+        if handler is not None:
+            handler(ev)  # state (if any) still at the position before the event
+        if state is not None:
+            state.advance(ev)
+    raise AssertionError("a cadence ends with STOP or PREEMPT")
 
 
 def steps_per_epoch(cfg: Config, data: DataBundle, drop_last: bool = False) -> int:

@@ -1,5 +1,5 @@
 """A fault in one stage of a real pipeline ends every process with the reason, for SID and
-for BP: the stage runner's exception (raise), its non-finite loss check (nan, each method
+for BP: the rank runner's exception (raise), its non-finite loss check (nan, each method
 computes its own loss) and the launcher's watch over its children (a native crash, abort:
 the launcher names the signal and the crashing Python frame; the same launcher for both
 methods, so SID's pipeline covers it; SIGKILL: tests/test_checkpoint.py)."""

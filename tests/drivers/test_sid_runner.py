@@ -1,4 +1,4 @@
-"""The SID stage runner in process: every stage a thread, messages through queues.
+"""The SID rank runner in process: every rank a thread, messages through queues.
 
 The fast tier's check of the runner logic and the cadence (message kinds, evaluation
 tables, checkpoints, the resume position): the same guarantees as the multi-process tests

@@ -114,7 +114,7 @@ def test_stratified_split_draws_as_sklearn(seed: int, counts: list[int]) -> None
     """Ties in the rounding (equal class sizes) use the random stream: those cases too."""
     from sklearn.model_selection import train_test_split
 
-    from sidpipe.data import _stratified_split
+    from sidpipe.data.splits import _stratified_split
 
     y = np.random.RandomState(seed + 100).permutation(np.repeat(np.arange(len(counts)), counts))
     for n_test in (len(counts), len(y) // 3, len(y) - len(counts)):

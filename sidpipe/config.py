@@ -23,7 +23,7 @@ from sidpipe.errors import ConfigError
 MODEL_NAMES = ("mlp", "simplecnn", "vgg11", "resnet18", "vit_tiny", "custom", "gpt")
 DATASET_NAMES = ("digits", "mnist", "fashion_mnist", "cifar10", "cifar100", "synthetic",
                  "shakespeare", "text")  # fmt: skip
-# Byte-level text sets (sidpipe/data.py): windows of data.context bytes, 256 classes per
+# Byte-level text sets (sidpipe/data/text.py): windows of data.context bytes, 256 classes per
 # position; the models that read them are the language models
 TEXT_DATASETS = ("shakespeare", "text")
 LANGUAGE_MODELS = ("gpt",)

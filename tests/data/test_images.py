@@ -1,75 +1,22 @@
-"""Tests for sidpipe.data against the real offline datasets .
-
-The data root is $SIDPIPE_DATA, else the `shared/data` folder beside the repository checkout.
-It is read-only in CI and nothing is ever copied out of it; MNIST / Fashion-MNIST / CIFAR tests
-skip (with the path in the reason) where their files are absent. Label-noise rates are checked
-on MNIST (60,000 labels, so +-0.02 is > 10 sigma); digits (1,437) is used for everything else.
-"""
+"""The image readers (sidpipe/data/images.py) through load_data, on the real offline
+datasets and on small damaged copies built in tmp_path."""
 
 from __future__ import annotations
 
 import gzip
-import logging
-import os
-from collections import Counter
-from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-from sidpipe.config import DATASET_NAMES
-from sidpipe.data import Batches, DataBundle, Split, load_data, resolve_root
+from sidpipe.data import Batches, DataBundle, load_data
 from sidpipe.errors import DataError
-
-DATA = Path(
-    os.environ.get("SIDPIPE_DATA") or Path(__file__).resolve().parents[2] / "shared" / "data"
-)
+from tests.data.conftest import DATA, Cfg, needs_fashion, needs_mnist
 
 # Class counts from shared/data/README.md.
 MNIST_TRAIN_COUNTS = [5923, 6742, 5958, 6131, 5842, 5421, 5918, 6265, 5851, 5949]
 MNIST_TEST_COUNTS = [980, 1135, 1032, 1010, 982, 892, 958, 1028, 974, 1009]
-
-
-def _needs(rel: str) -> pytest.MarkDecorator:
-    path = DATA / rel
-    return pytest.mark.skipif(not path.exists(), reason=f"{path} not found (set SIDPIPE_DATA)")
-
-
-needs_mnist = _needs("MNIST/raw")
-needs_fashion = _needs("FashionMNIST/raw")
-needs_cifar = _needs("CIFAR10/cifar10_subset.npz")
-
-
-@dataclass
-class Cfg:  # the attributes load_data reads; DataConfig has the same ones
-    name: str = "digits"
-    root: str | None = str(DATA)
-    download: bool = False
-    val_fraction: float = 0.0
-    label_noise: float = 0.0
-    augment: bool | None = None
-    subset: int | None = None
-
-
-def _pairs(s: Split) -> Counter:
-    """Multiset of (image bytes, label): compares splits without needing sample indices."""
-    return Counter((x.numpy().tobytes(), int(y)) for x, y in zip(s.x, s.y, strict=True))
-
-
-def _all_batches(b: Batches, epoch: int, start: int = 0) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    return list(b.epoch(epoch, start=start))
-
-
-@pytest.fixture(scope="module")
-def digits() -> DataBundle:
-    return load_data(Cfg(), seed=0)
-
-
-@pytest.fixture(scope="module")
-def mnist() -> DataBundle:
-    return load_data(Cfg("mnist"), seed=0)
 
 
 # ----------------------------------------------------------------------------- digits
@@ -108,22 +55,6 @@ def test_digits_are_sklearns_images_and_split(digits: DataBundle) -> None:
     assert torch.equal(digits.test.y, torch.from_numpy(d.target[te]).long())
 
 
-@pytest.mark.parametrize("seed", [0, 1, 7])
-@pytest.mark.parametrize("counts", [[5, 5, 5], [2, 9, 3, 3, 7], [40, 3, 17, 17, 17]])
-def test_stratified_split_draws_as_sklearn(seed: int, counts: list[int]) -> None:
-    """Ties in the rounding (equal class sizes) use the random stream: those cases too."""
-    from sklearn.model_selection import train_test_split
-
-    from sidpipe.data import _stratified_split
-
-    y = np.random.RandomState(seed + 100).permutation(np.repeat(np.arange(len(counts)), counts))
-    for n_test in (len(counts), len(y) // 3, len(y) - len(counts)):
-        tr, te = train_test_split(np.arange(len(y)), test_size=n_test, stratify=y,
-                                  random_state=seed)  # fmt: skip
-        ours = _stratified_split(y, n_test=n_test, seed=seed)
-        assert [a.tolist() for a in ours] == [np.sort(tr).tolist(), np.sort(te).tolist()]
-
-
 def test_synthetic_needs_no_files_and_is_fixed(tmp_path: Path) -> None:
     syn = load_data(Cfg("synthetic", root=str(tmp_path / "empty")), seed=0)
     assert (len(syn.train), len(syn.test)) == (10_000, 2_000)
@@ -133,12 +64,6 @@ def test_synthetic_needs_no_files_and_is_fixed(tmp_path: Path) -> None:
     assert torch.equal(again.train.x, syn.train.x) and torch.equal(again.test.y, syn.test.y)
     ((x, _),) = Batches(syn.train, syn, 10_000, shuffle=False, seed=0).epoch(0)
     assert abs(x.mean().item()) < 1e-2 and abs(x.std().item() - 1) < 1e-2
-
-
-def test_subset_keeps_first_n(digits: DataBundle) -> None:
-    b = load_data(Cfg(subset=100), seed=0)
-    assert len(b.train) == 100 and len(b.test) == 360
-    assert torch.equal(b.train.x, digits.train.x[:100])
 
 
 # ----------------------------------------------------------------------------- IDX datasets
@@ -174,47 +99,6 @@ def test_fashion_mnist_reads_in_place() -> None:
     assert abs(x.mean().item()) < 0.02 and abs(x.std().item() - 1) < 0.02
 
 
-# ----------------------------------------------------------------------------- CIFAR-10 subset
-
-
-@needs_cifar
-def test_cifar10_subset_and_augmentation(caplog: pytest.LogCaptureFixture) -> None:
-    with caplog.at_level(logging.WARNING, logger="sidpipe.data"):
-        b = load_data(Cfg("cifar10"), seed=0)
-    assert "subset" in caplog.text
-    assert (len(b.train), len(b.test)) == (4000, 1000)
-    assert b.in_shape == (3, 32, 32) and b.augment is True
-    assert torch.bincount(b.train.y).tolist()[:3] == [396, 366, 420]  # data README
-
-    def batches(seed: int, augment: bool, start: int = 0) -> list:
-        return _all_batches(Batches(b.train, b, 500, True, seed, augment=augment), 0, start)
-
-    plain, aug = batches(0, False), batches(0, True)
-    assert [x.shape for x, _ in aug] == [x.shape for x, _ in plain]
-    assert all(torch.equal(y1, y2) for (_, y1), (_, y2) in zip(plain, aug, strict=True))
-    assert not torch.equal(plain[0][0], aug[0][0])
-    assert all(torch.equal(a[0], c[0]) for a, c in zip(aug, batches(0, True), strict=True))
-    assert not torch.equal(aug[0][0], batches(1, True)[0][0])
-    tail = batches(0, True, start=5)  # resume mid-epoch: same augmentation as unbroken run
-    assert all(torch.equal(a[0], c[0]) for a, c in zip(aug[5:], tail, strict=True))
-
-    # Each augmented image is exactly some 32x32 crop of the black-padded image, maybe flipped.
-    mean, std = torch.tensor(b.mean).view(3, 1, 1), torch.tensor(b.std).view(3, 1, 1)
-    orig = next(Batches(b.train, b, 8, shuffle=False, seed=0).epoch(0))[0] * std + mean
-    augd = next(Batches(b.train, b, 8, shuffle=False, seed=0, augment=True).epoch(0))[0]
-    augd = augd * std + mean
-    padded = torch.nn.functional.pad(orig, (4, 4, 4, 4))
-    crops = torch.stack(
-        [  # (9, 9, 8, 3, 32, 32): every crop offset of every image
-            torch.stack([padded[:, :, dy : dy + 32, dx : dx + 32] for dx in range(9)])
-            for dy in range(9)
-        ]
-    )
-    crops = torch.cat([crops, crops.flip(-1)]).flatten(0, 1)  # (162, 8, 3, 32, 32)
-    match = ((crops - augd).abs() < 1e-5).flatten(2).all(-1)  # (162, 8)
-    assert match.any(0).all()
-
-
 # ----------------------------------------------------------------------------- errors
 
 
@@ -238,116 +122,6 @@ def test_download_failure_is_one_line(tmp_path: Path, monkeypatch: pytest.Monkey
     with pytest.raises(DataError, match="downloading it failed") as e:
         load_data(Cfg("mnist", root=str(tmp_path), download=True), seed=0)
     assert str(tmp_path / "MNIST" / "raw") in str(e.value) and "\n" not in str(e.value)
-
-
-def test_bad_config_values_name_the_key() -> None:
-    with pytest.raises(ValueError, match=r"data\.name='foo' is unknown; choose one of digits"):
-        load_data(Cfg("foo"), seed=0)
-    with pytest.raises(DataError, match=r"data\.name"):  # also a DataError, for the CLI
-        load_data(Cfg("foo"), seed=0)
-    for key, value in [("val_fraction", 1.0), ("label_noise", -0.1), ("subset", 0)]:
-        with pytest.raises(ValueError, match=rf"data\.{key}"):
-            load_data(replace(Cfg(), **{key: value}), seed=0)
-    assert "digits" in DATASET_NAMES and "cifar100" in DATASET_NAMES
-
-
-def test_resolve_root(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    monkeypatch.setenv("SIDPIPE_DATA", str(tmp_path / "env"))
-    assert resolve_root(str(tmp_path / "arg")) == tmp_path / "arg"
-    assert resolve_root(None) == tmp_path / "env"
-    monkeypatch.delenv("SIDPIPE_DATA")
-    monkeypatch.chdir(tmp_path)
-    assert resolve_root(None) == tmp_path / "data"
-
-
-# ----------------------------------------------------------------------------- label noise
-
-
-@needs_mnist
-@pytest.mark.parametrize("rate", [0.2, 0.4])
-def test_label_noise_on_mnist(mnist: DataBundle, rate: float) -> None:
-    b = load_data(Cfg("mnist", label_noise=rate), seed=7)
-    y, clean = b.train.y, b.train.y_clean
-    assert clean is not None and torch.equal(clean, mnist.train.y)
-    changed = y != clean
-    assert abs(b.noise_rate - rate) <= 0.02
-    assert b.noise_rate == pytest.approx(changed.float().mean().item())
-    # A changed label is a uniformly drawn *other* class: offsets 1..9 each ~1/9 of flips.
-    offsets = torch.bincount((y[changed] - clean[changed]) % 10, minlength=10)
-    assert offsets[0] == 0 and ((offsets[1:] / changed.sum() - 1 / 9).abs() < 0.01).all()
-    assert torch.equal(b.test.y, mnist.test.y) and b.test.y_clean is None
-    assert torch.equal(b.train.x, mnist.train.x)
-    same = load_data(Cfg("mnist", subset=1000, label_noise=rate), seed=7)
-    assert torch.equal(same.train.y, y[:1000])  # seeded: same seed, same noise
-
-
-def test_label_noise_digits_seeded_and_val_clean(digits: DataBundle) -> None:
-    a = load_data(Cfg(label_noise=0.4, val_fraction=0.2), seed=3)
-    b = load_data(Cfg(label_noise=0.4, val_fraction=0.2), seed=3)
-    c = load_data(Cfg(label_noise=0.4, val_fraction=0.2), seed=4)
-    assert torch.equal(a.train.y, b.train.y) and a.noise_rate == b.noise_rate
-    assert not torch.equal(a.train.y, c.train.y)
-    assert 0.3 < a.noise_rate < 0.5
-    assert a.val is not None and a.val.y_clean is None
-    # Val labels are the true ones: every (image, label) pair occurs in the clean train set.
-    assert not _pairs(a.val) - _pairs(digits.train)
-    assert torch.equal(a.test.y, digits.test.y)
-
-
-# ----------------------------------------------------------------------------- validation split
-
-
-def test_val_split(digits: DataBundle) -> None:
-    b = load_data(Cfg(val_fraction=0.2), seed=0)
-    assert b.val is not None
-    assert (len(b.train), len(b.val)) == (1150, 287)  # round(0.2 * 1437) = 287
-    # Disjoint and complete: train + val is exactly the original training multiset.
-    assert _pairs(b.train) + _pairs(b.val) == _pairs(digits.train)
-    # Stratified: each class contributes 20% of its samples, to within one.
-    per_class = torch.bincount(digits.train.y, minlength=10).float()
-    assert ((torch.bincount(b.val.y, minlength=10) - 0.2 * per_class).abs() <= 1).all()
-    again = load_data(Cfg(val_fraction=0.2), seed=0)
-    other = load_data(Cfg(val_fraction=0.2), seed=1)
-    assert torch.equal(again.val.x, b.val.x) and not torch.equal(other.val.x, b.val.x)
-    assert torch.equal(b.test.x, digits.test.x)
-
-
-# ----------------------------------------------------------------------------- Batches
-
-
-def test_batches_order_and_resume(digits: DataBundle) -> None:
-    def make(seed: int = 0, **kw: bool) -> Batches:
-        return Batches(digits.train, digits, 100, shuffle=True, seed=seed, **kw)
-
-    b = make()
-    assert len(b) == 15 and len(make(drop_last=True)) == 14
-    e0 = _all_batches(b, 0)
-    assert [len(y) for _, y in e0] == [100] * 14 + [37]
-    assert [len(y) for _, y in _all_batches(make(drop_last=True), 0)] == [100] * 14
-    # A permutation of the split each epoch.
-    assert torch.equal(torch.cat([y for _, y in e0]).sort().values, digits.train.y.sort().values)
-    # Same seed, fresh object: identical batches. Epoch k does not depend on epochs before it.
-    again = _all_batches(make(), 0)
-    assert all(
-        torch.equal(x1, x2) and torch.equal(y1, y2)
-        for (x1, y1), (x2, y2) in zip(e0, again, strict=True)
-    )
-    e1 = _all_batches(b, 1)
-    assert not torch.equal(e0[0][0], e1[0][0])
-    assert torch.equal(_all_batches(make(), 1)[3][0], e1[3][0])
-    assert not torch.equal(_all_batches(make(seed=1), 0)[0][0], e0[0][0])
-    # Resume mid-epoch: start=k yields the tail of the same order.
-    tail = _all_batches(b, 0, start=12)
-    assert len(tail) == 3
-    assert all(torch.equal(t[0], f[0]) for t, f in zip(tail, e0[12:], strict=True))
-    assert _all_batches(b, 0, start=15) == []
-    with pytest.raises(ValueError, match="start"):
-        b.epoch(0, start=16)
-    # No shuffle: file order, normalised float32.
-    (x, y), *_ = Batches(digits.train, digits, 500, shuffle=False, seed=0).epoch(0)
-    assert torch.equal(y, digits.train.y[:500]) and x.dtype == torch.float32
-    expect = (digits.train.x[:500].float() / 255 - digits.mean[0]) / digits.std[0]
-    assert torch.allclose(x, expect, atol=1e-6)
 
 
 # ----------------------------------------------------------------------------- damaged files

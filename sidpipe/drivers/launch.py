@@ -41,6 +41,7 @@ from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
 from sidpipe.config import Config, Method
 from sidpipe.data import load_data
+from sidpipe.drivers.rundir import prepare_run_dir
 from sidpipe.drivers.summary import gather_and_write
 from sidpipe.errors import Interrupted, Preempted, SidpipeError, TrainingError
 from sidpipe.method.learner import check_graph_device
@@ -121,8 +122,6 @@ def after_restart(cfg: Config, run_dir: Path) -> Config:
 def _spawned_stage(cfg: Config, run_dir: str) -> dict[str, Any]:
     """A stage process started by `spawn`: a restarted attempt first continues the run."""
     if restart_count():
-        from sidpipe.drivers import prepare_run_dir  # the package above: loaded already
-
         cfg = after_restart(cfg, Path(run_dir))
         prepare_run_dir(cfg, Path(run_dir))
     return stage_main(cfg, run_dir)

@@ -111,6 +111,7 @@ def test_a_pipeline_launcher_imports_no_runner():
     assert r.returncode == 0, r.stderr
     loaded = eval(r.stdout)  # noqa: S307 - our own print of a list of names
     assert loaded == [
+        "sidpipe.drivers.balance",
         "sidpipe.drivers.dispatch",
         "sidpipe.drivers.launch",
         "sidpipe.drivers.rundir",

@@ -8,26 +8,25 @@ from pathlib import Path
 from typing import Any
 
 from sidpipe.config import Config
-from sidpipe.drivers.launch import Planner, after_restart, run_pipeline
+from sidpipe.drivers.launch import after_restart, run_pipeline
 from sidpipe.drivers.rundir import prepare_run_dir
 from sidpipe.runtime.lock import exclusive
 
 
-def run(cfg: Config, run_dir: str | Path, planner: Planner | None = None) -> dict[str, Any]:
+def run(cfg: Config, run_dir: str | Path) -> dict[str, Any]:
     """Train as configured; returns the summary (also written to run_dir/summary.json).
 
-    planner resolves pipeline.partition=auto (bench/balance.py's `plan_partition`).
     The run directory is locked for the run's lifetime (runtime/lock.py): by this process
     when it launches the stages or trains alone, by rank 0 under torchrun."""
     run_dir = Path(run_dir)
     if os.environ.get("RANK", "0") != "0":  # under torchrun: rank 0 holds the lock
         run_dir.mkdir(parents=True, exist_ok=True)
-        return _run_locked(cfg, run_dir, planner)
+        return _run_locked(cfg, run_dir)
     with exclusive(run_dir):
-        return _run_locked(cfg, run_dir, planner)
+        return _run_locked(cfg, run_dir)
 
 
-def _run_locked(cfg: Config, run_dir: Path, planner: Planner | None) -> dict[str, Any]:
+def _run_locked(cfg: Config, run_dir: Path) -> dict[str, Any]:
     cfg = after_restart(cfg, run_dir)  # torchrun restarted every stage: continue the run
     done = prepare_run_dir(cfg, run_dir)
     if done is not None:
@@ -38,4 +37,4 @@ def _run_locked(cfg: Config, run_dir: Path, planner: Planner | None) -> dict[str
         from sidpipe.drivers.single import train_single  # not in a pipeline's launcher
 
         return train_single(cfg, run_dir)
-    return run_pipeline(cfg, run_dir, planner)
+    return run_pipeline(cfg, run_dir)

@@ -4,7 +4,7 @@ ResNet-18 and VGG-11 at model.width=8 on CIFAR-10 shapes (3x32x32, 10 classes), 
 cut into B blocks with one block per stage, for every model.head. For each stage:
 
   step   the whole SID message as partition=auto and the simulator time it
-         (sidpipe.bench.balance.message_step): block + head + loss forward, local
+         (sidpipe.drivers.balance.message_step): block + head + loss forward, local
          backward, fused Adam step
   head   the head's part of that step alone: head + loss forward, backward (into the head's
          parameters and its input h, as in the whole step), Adam step of the head's
@@ -30,8 +30,8 @@ from collections.abc import Callable
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from sidpipe.bench.balance import message_step
 from sidpipe.config import HEAD_KINDS, Config, DataConfig, ModelConfig, TrainConfig
+from sidpipe.drivers.balance import message_step
 from sidpipe.method.learner import SIDLearner, build_optimizer
 from sidpipe.method.loss import sid_loss
 from sidpipe.models import build_model

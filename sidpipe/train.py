@@ -1,4 +1,4 @@
-"""`sidpipe train`: the hydra entry point. A thin shell around the pure `run(cfg, run_dir)`.
+"""`sidpipe train`: the hydra entry point. A thin shell around the pure `drivers.run(cfg, run_dir)`.
 
 Under torchrun every rank runs this app; the run directory is the one hydra gives rank 0
 (pass `hydra.run.dir=DIR` to every rank, as the launch scripts do).
@@ -9,25 +9,17 @@ from __future__ import annotations
 import os
 import signal
 import sys
-from pathlib import Path
-from typing import Any
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
 from sidpipe import drivers
-from sidpipe.bench.balance import plan_partition
-from sidpipe.config import CONF_DIR, Config, check_command_line, register_configs, to_config
+from sidpipe.config import CONF_DIR, check_command_line, register_configs, to_config
 from sidpipe.drivers.summary import format_report
 from sidpipe.errors import Interrupted, Preempted, SidpipeError, fail, raise_preempted
 
 register_configs()
-
-
-def run(cfg: Config, run_dir: str | Path) -> dict[str, Any]:
-    """Train as configured; returns the summary (also written to run_dir/summary.json)."""
-    return drivers.run(cfg, run_dir, planner=plan_partition)
 
 
 @hydra.main(version_base=None, config_path=CONF_DIR, config_name="config")
@@ -35,7 +27,7 @@ def _hydra_main(dcfg: DictConfig) -> None:
     try:
         cfg = to_config(dcfg)
         run_dir = cfg.run_dir or HydraConfig.get().runtime.output_dir
-        summary = run(cfg, run_dir)
+        summary = drivers.run(cfg, run_dir)
     except Preempted as e:  # not an error: saved and stopped, exit 75 (errors.EXIT_PREEMPTED)
         print(f"sidpipe: {e}", file=sys.stderr, flush=True)
         sys.exit(e.exit_code)

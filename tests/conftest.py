@@ -87,12 +87,11 @@ def refusal(overrides: list[str], run_dir: Path) -> str:
     """What `sidpipe train` refuses, in this process: the SidpipeError the CLI prints as its one
     line. The conftest guard fails the test if anything started a process first."""
     from sidpipe import drivers
-    from sidpipe.bench.balance import plan_partition
     from sidpipe.config import compose_config
     from sidpipe.errors import SidpipeError
 
     with pytest.raises(SidpipeError) as e:
-        drivers.run(compose_config([*TINY, *overrides]), run_dir, planner=plan_partition)
+        drivers.run(compose_config([*TINY, *overrides]), run_dir)
     assert not (run_dir / "metrics.jsonl").exists()  # nothing trained
     assert not (run_dir / "failure.txt").exists()  # no stage process was started
     return str(e.value)

@@ -72,10 +72,7 @@ LAZY_IMPORTS = {
     # pipelining + DTensor) load in the stage processes only
     ("sidpipe/drivers/launch.py", "sidpipe.drivers.bp"),
     ("sidpipe/drivers/launch.py", "sidpipe.drivers.sid"),
-    ("sidpipe/drivers/__init__.py", "sidpipe.drivers.single"),
-    # a restarted stage process re-checks its run directory with the package's own policy
-    # (drivers/__init__.py imports launch: a module-level import would be a cycle)
-    ("sidpipe/drivers/launch.py", "sidpipe.drivers"),
+    ("sidpipe/drivers/dispatch.py", "sidpipe.drivers.single"),
 }
 
 
@@ -113,7 +110,13 @@ def test_a_pipeline_launcher_imports_no_runner():
                        cwd=REPO, timeout=120)  # fmt: skip
     assert r.returncode == 0, r.stderr
     loaded = eval(r.stdout)  # noqa: S307 - our own print of a list of names
-    assert loaded == ["sidpipe.drivers.launch", "sidpipe.drivers.summary"], loaded
+    assert loaded == [
+        "sidpipe.drivers.balance",
+        "sidpipe.drivers.dispatch",
+        "sidpipe.drivers.launch",
+        "sidpipe.drivers.rundir",
+        "sidpipe.drivers.summary",
+    ], loaded
 
 
 def test_no_comment_points_outside_the_repository():

@@ -43,9 +43,9 @@ from torch.distributed.pipelining._backward import (
 # Importing fake_pg registers the "fake" backend: a process group that builds, never sends.
 from torch.testing._internal.distributed.fake_pg import FakeStore
 
-from sidpipe.bench.balance import best_cuts, profile_blocks
 from sidpipe.config import Config, Method, Schedule
 from sidpipe.data import DataBundle, load_data, shuffled_batches
+from sidpipe.drivers.balance import best_cuts, profile_blocks
 from sidpipe.drivers.bp import SCHEDULES, EngineModule, stage_ids
 from sidpipe.errors import ConfigError
 from sidpipe.method.learner import SIDLearner, build_optimizer

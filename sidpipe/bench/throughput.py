@@ -36,7 +36,6 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
 from sidpipe import drivers
-from sidpipe.bench.balance import plan_partition
 from sidpipe.bench.report import markdown, write_outputs
 from sidpipe.bench.simulate import simulated_rows
 from sidpipe.config import (
@@ -225,7 +224,7 @@ def run_case(case: Case, runs_dir: Path) -> dict[str, Any]:
     run_dir = runs_dir / name
     shutil.rmtree(run_dir, ignore_errors=True)  # the bench's own: a rerun measures anew
     log.info("bench: running %s", name)
-    summary = drivers.run(case.cfg, run_dir, planner=plan_partition)
+    summary = drivers.run(case.cfg, run_dir)
     trace = json.loads((run_dir / "trace.json").read_text())
     m = case.microbatches if case.scheme in ("sid", "seq_sid") else 1
     b = case.cfg.bench

@@ -27,7 +27,6 @@ import sys
 import tempfile
 import time
 import uuid
-from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -41,6 +40,8 @@ from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
 from sidpipe.config import Config, Method
 from sidpipe.data import load_data
+from sidpipe.drivers.balance import plan_partition
+from sidpipe.drivers.rundir import prepare_run_dir
 from sidpipe.drivers.summary import gather_and_write
 from sidpipe.errors import Interrupted, Preempted, SidpipeError, TrainingError
 from sidpipe.method.learner import check_graph_device
@@ -67,10 +68,6 @@ FAULT_FILE = "stage{rank}.fault.txt"  # a stage's Python stacks if a signal (SIG
 
 if TYPE_CHECKING:
     from sidpipe.drivers.runner import RankRunner
-
-# pipeline.partition=auto: measures the blocks and returns the config with concrete cuts
-# (bench/balance.py); called once, in the launcher or on rank 0 under torchrun.
-Planner = Callable[[Config, Path, int], Config]
 
 
 def check_layout(cfg: Config) -> None:
@@ -121,14 +118,12 @@ def after_restart(cfg: Config, run_dir: Path) -> Config:
 def _spawned_stage(cfg: Config, run_dir: str) -> dict[str, Any]:
     """A stage process started by `spawn`: a restarted attempt first continues the run."""
     if restart_count():
-        from sidpipe.drivers import prepare_run_dir  # the package above: loaded already
-
         cfg = after_restart(cfg, Path(run_dir))
         prepare_run_dir(cfg, Path(run_dir))
     return stage_main(cfg, run_dir)
 
 
-def stage_main(cfg: Config, run_dir: str, planner: Planner | None = None) -> dict[str, Any]:
+def stage_main(cfg: Config, run_dir: str) -> dict[str, Any]:
     """One stage process. Returns the summary on rank 0, {} elsewhere; exits non-zero on failure.
     A preempted run returns {"_preempted": {...}} on rank 0 instead (`preempted_info`)."""
     try:
@@ -154,10 +149,8 @@ def stage_main(cfg: Config, run_dir: str, planner: Planner | None = None) -> dic
     except OSError:  # an unwritable directory is reported where the run first writes to it
         fault_file = None
     if cfg.pipeline.partition == "auto":  # under torchrun: rank 0 measures, everyone uses it
-        if planner is None:
-            raise TrainingError("pipeline.partition=auto needs a partition planner")
         if ctx.rank == 0:
-            cfg = planner(cfg, Path(run_dir), ctx.local_rank)
+            cfg = plan_partition(cfg, Path(run_dir), ctx.local_rank)
             ctx.store.set(CUTS_KEY, json.dumps(cfg.pipeline.partition))
         else:
             cfg = copy.deepcopy(cfg)
@@ -265,9 +258,9 @@ def native_crash(run_dir: Path, rank: int) -> str:
     return f"{lines[0].strip()}{', in ' + frame if frame else ''} ({path})"
 
 
-def run_pipeline(cfg: Config, run_dir: Path, planner: Planner | None = None) -> dict[str, Any]:
+def run_pipeline(cfg: Config, run_dir: Path) -> dict[str, Any]:
     if under_torchrun():
-        result = stage_main(cfg, str(run_dir), planner)
+        result = stage_main(cfg, str(run_dir))
         if "_preempted" in result:  # rank 0 says so; every worker exits 0, so that the agent
             # does not restart them (the job script requeues: launch/slurm.sbatch)
             print(f"sidpipe: {preempted(result['_preempted'])}", file=sys.stderr, flush=True)
@@ -276,10 +269,8 @@ def run_pipeline(cfg: Config, run_dir: Path, planner: Planner | None = None) -> 
     device = select_device(cfg)  # before any stage starts:
     check_graph_device(cfg, device)
     check_transport(cfg, device)
-    if cfg.pipeline.partition == "auto":
-        if planner is None:
-            raise TrainingError("pipeline.partition=auto needs a partition planner")
-        cfg = planner(cfg, run_dir, 0)
+    if cfg.pipeline.partition == "auto":  # measured once, here: the stages get the cuts
+        cfg = plan_partition(cfg, run_dir, 0)
     check_layout(cfg)
     (run_dir / FAILURE_FILE).unlink(missing_ok=True)
     return spawn(cfg, run_dir)

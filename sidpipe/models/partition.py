@@ -10,8 +10,8 @@ from torch import Tensor, nn
 
 from sidpipe.models.heads import belief_chain, prior_for
 
-if TYPE_CHECKING:  # type only: keeps this module free of an import cycle with the package
-    from sidpipe.models import BlockNet
+if TYPE_CHECKING:  # type only: blocknet.py imports even_sizes from here (no cycle)
+    from sidpipe.models.blocknet import BlockNet
 
 
 def even_sizes(n: int, parts: int) -> list[int]:

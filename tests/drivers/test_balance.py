@@ -8,8 +8,8 @@ import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from sidpipe.bench.balance import BlockCost, best_cuts, message_step
 from sidpipe.config import Config, ModelConfig
+from sidpipe.drivers.balance import BlockCost, best_cuts, message_step
 from sidpipe.method.learner import SIDLearner
 from sidpipe.models import build_model
 from sidpipe.models.partition import Stage
@@ -104,9 +104,9 @@ def test_bad_partition_value(tmp_path):
 @pytest.mark.parametrize("model", ["mlp", "simplecnn", "vgg11", "resnet18", "vit_tiny"])
 def test_auto_partition_profiles_every_model(model):
     """Each model's blocks are timed on this device and cut into 3 non-empty stages."""
-    from sidpipe.bench.balance import auto_partition
     from sidpipe.config import Config, DataConfig, ModelConfig, PipelineConfig, TrainConfig
     from sidpipe.data import load_data
+    from sidpipe.drivers.balance import auto_partition
     from sidpipe.models import build_net
 
     cfg = Config(

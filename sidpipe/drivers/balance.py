@@ -128,7 +128,8 @@ def auto_partition(
 def plan_partition(cfg: Config, run_dir: Path, local_rank: int = 0) -> Config:
     """`pipeline.partition=auto` -> concrete cut points, measured on this process's device.
     What was measured and predicted goes to run_dir/partition_auto.json: the summary sets
-    each stage's measured step time beside its prediction. The drivers' partition planner."""
+    each stage's measured step time beside its prediction. Called once per run, by the
+    launcher, or by rank 0 under torchrun (drivers/launch.py)."""
     if cfg.pipeline.partition != "auto":
         return cfg
     data = load_data(cfg.data, cfg.seed)

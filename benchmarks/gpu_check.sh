@@ -45,7 +45,7 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT
 
 if want cuda; then
 echo "== CUDA tests" | tee -a "$OUT/tests.log"
-timeout 300 "$PY" -m pytest -q -p no:cacheprovider tests/test_graphs.py 2>&1 | tee -a "$OUT/tests.log"
+timeout 300 "$PY" -m pytest -q -p no:cacheprovider tests/method/test_graphs.py 2>&1 | tee -a "$OUT/tests.log"
 
 for graphs in false true; do
     echo "== step times, pipeline.cuda_graphs=$graphs"

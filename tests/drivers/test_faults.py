@@ -2,7 +2,7 @@
 for BP: the rank runner's exception (raise), its non-finite loss check (nan, each method
 computes its own loss) and the launcher's watch over its children (a native crash, abort:
 the launcher names the signal and the crashing Python frame; the same launcher for both
-methods, so SID's pipeline covers it; SIGKILL: tests/test_checkpoint.py)."""
+methods, so SID's pipeline covers it; SIGKILL: tests/runtime/test_checkpoint.py)."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ import sys
 import pytest
 
 from tests.conftest import REPO, TINY, assert_run_stopped, run_cli
-from tests.test_checkpoint import metric_keys
+from tests.runtime.test_checkpoint import metric_keys
 
 PIPELINES = {
     "sid": ["pipeline.stages=3"],
@@ -49,7 +49,7 @@ def test_faults_stop_every_process(method, kind, tmp_path):
 
 
 # pipeline.max_restarts: a died stage restarts the whole pipeline from its newest checkpoint
-# (a killed stage whose run then finishes bitwise: tests/test_checkpoint.py, beside the
+# (a killed stage whose run then finishes bitwise: tests/runtime/test_checkpoint.py, beside the
 # kill-and-resume test whose uninterrupted run it compares with)
 RESTART = [*TINY, "pipeline.stages=2", "train.epochs=2",
            "checkpoint.every_n_steps=10", "checkpoint.keep_last=3"]  # fmt: skip

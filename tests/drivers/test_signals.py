@@ -18,7 +18,7 @@ import torch
 from sidpipe.errors import EXIT_PREEMPTED
 from sidpipe.runtime.io import load_state
 from tests.conftest import REPO, TINY, read_summary, run_cli
-from tests.test_checkpoint import metric_keys
+from tests.runtime.test_checkpoint import metric_keys
 
 
 def start(tmp_path, stages: int, *args: str) -> subprocess.Popen:

@@ -216,21 +216,10 @@ def test_a_sweep_submits_one_job_per_point(slurm, tmp_path):
     env = {**slurm, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1",
            "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
            }  # fmt: skip
-    cmd = [
-        sys.executable,
-        "-m",
-        "sidpipe.cli",
-        "train",
-        "-m",
-        "hydra/launcher=submitit_slurm",
-        *TINY,
-        "pipeline.stages=2",
-        "train.epochs=1",
-        "optim.lr=1e-3,3e-3",
-        f"hydra.sweep.dir={tmp_path}",
-        "hydra.launcher.cpus_per_task=1",
-        "hydra.launcher.timeout_min=10",
-    ]
+    cmd = [sys.executable, "-m", "sidpipe.cli", "train", "-m", "hydra/launcher=submitit_slurm",
+           *TINY, "pipeline.stages=2", "train.epochs=1", "optim.lr=1e-3,3e-3",
+           f"hydra.sweep.dir={tmp_path}", "hydra.launcher.cpus_per_task=1",
+           "hydra.launcher.timeout_min=10"]  # fmt: skip
     r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=400, cwd=REPO)
     assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
     summaries = sorted(tmp_path.glob("*/summary.json"))

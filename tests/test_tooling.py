@@ -29,18 +29,8 @@ def test_bf16_trains_and_says_so(overrides, tmp_path):
 
 @pytest.mark.multiprocess
 def test_multirun_writes_one_summary_per_job(tmp_path):
-    cmd = [
-        sys.executable,
-        "-m",
-        "sidpipe.cli",
-        "train",
-        "-m",
-        *TINY,
-        "pipeline.stages=1",
-        "train.epochs=1",
-        "sid.alpha=0.3,0.7",
-        f"hydra.sweep.dir={tmp_path}",
-    ]
+    cmd = [sys.executable, "-m", "sidpipe.cli", "train", "-m", *TINY, "pipeline.stages=1",
+           "train.epochs=1", "sid.alpha=0.3,0.7", f"hydra.sweep.dir={tmp_path}"]  # fmt: skip
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=180, cwd=REPO)
     assert r.returncode == 0, r.stderr[-2000:]
     summaries = sorted(tmp_path.glob("*/summary.json"))

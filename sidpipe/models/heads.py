@@ -221,15 +221,8 @@ class SpatialBeliefHead(_ConvnetHead):
     (benchmarks/results/head-cost-2026-12-03).
     """
 
-    def __init__(
-        self,
-        feature_shape: tuple[int, ...],
-        num_classes: int,
-        hidden: int = 256,
-        width: int = 32,
-        layers: int = 2,
-        where: str = "the block",
-    ) -> None:
+    def __init__(self, feature_shape: tuple[int, ...], num_classes: int, hidden: int = 256,
+                 width: int = 32, layers: int = 2, where: str = "the block") -> None:  # fmt: skip
         super().__init__()
         c, h, w = self._set_shape("spatial", feature_shape, num_classes, where)
         # a map already smaller than 2x2 is kept as it is: pooling "up" would only copy it
@@ -252,14 +245,8 @@ class ConvBeliefHead(_ConvnetHead):
     features and the prior go straight into one FC).
     """
 
-    def __init__(
-        self,
-        feature_shape: tuple[int, ...],
-        num_classes: int,
-        hidden: int = 256,
-        width: int = 32,
-        where: str = "the block",
-    ) -> None:
+    def __init__(self, feature_shape: tuple[int, ...], num_classes: int, hidden: int = 256,
+                 width: int = 32, where: str = "the block") -> None:  # fmt: skip
         super().__init__()
         c, h, w = self._set_shape("conv", feature_shape, num_classes, where)
         ch = max(c, width)

@@ -2,7 +2,7 @@
 # Timing measurements of lm-vocab-measured-2026-12-03, each in its own `$QUIET` call (on the
 # shared 2-core machine /tmp/quiet pauses the other work for the duration of one command).
 # Run from the repository root: bash benchmarks/results/lm-vocab-measured-2026-12-03/run_timing.sh PART
-#   PART = split | bench8192 | bench256 | bench2048 | topk [V] | sim8192 | sim256 | deep8192
+#   PART = split | bench8192 | bench256 | bench2048 | topk [V] | sim8192 | sim256 | deep8192 | wide8192
 set -euo pipefail
 HERE=benchmarks/results/lm-vocab-measured-2026-12-03
 PY=${PY:-/work/main/.venv/bin/python}
@@ -20,5 +20,6 @@ case $1 in
   bench*) v=${1#bench}; $QUIET $PY -m sidpipe.cli bench $BENCH $(tok $v) hydra.run.dir=/tmp/lmm/b$v bench.out_dir=$HERE/bench-v$v ;;
   topk) for v in ${2:-8192}; do $QUIET $PY -m sidpipe.cli bench $BENCH $(tok $v) "bench.schemes=[sid]" pipeline.belief_topk=32 hydra.run.dir=/tmp/lmm/t$v bench.out_dir=$HERE/bench-v$v-topk32; done ;;
   sim*) v=${1#sim}; $QUIET $PY -m sidpipe.cli bench $SIM $(tok $v) hydra.run.dir=/tmp/lmm/s$v bench.out_dir=$HERE/simulated-v$v ;;
+  wide*) v=${1#wide}; $QUIET $PY -m sidpipe.cli bench $BENCH $(tok $v) model.width=256 hydra.run.dir=/tmp/lmm/w$v bench.out_dir=$HERE/bench-v$v-width256 ;;
   deep*) v=${1#deep}; $QUIET $PY -m sidpipe.cli bench $BENCH $(tok $v) model.depth=8 model.blocks=4 hydra.run.dir=/tmp/lmm/d$v bench.out_dir=$HERE/bench-v$v-depth8 ;;
 esac

@@ -5,11 +5,12 @@ Every run is `sidpipe train experiment=lm_small pipeline.stages=1` (one process:
 pipeline computes the same parameters bit for bit, and BP pipelines equal single-process BP,
 tests/test_lm.py), with the same steps, batch, lr and seed list; only the tokenizer, the
 depth, the method and pipeline.belief_topk change. A run whose summary.json exists is
-skipped, so the grid can be stopped and restarted.
+skipped, so the grid can be stopped and restarted; so is one already recorded in the
+`--done` file (a summarize's bpb_grid.json), whose run directory may be gone.
 
 Usage (repository root; SIDPIPE_DATA must hold shakespeare/):
   python benchmarks/lm_bpb_grid.py run OUT [--steps 50] [--seeds 0,1] [--only v8192]
-      [--skip v8192] [--workers 1] [--wrap /tmp/shared] [--pause-file F] [--dry-run]
+      [--skip v8192] [--wrap /tmp/shared] [--pause-file F] [--done JSON] [--dry-run]
   python benchmarks/lm_bpb_grid.py summarize OUT --to DIR   # DIR/bpb_grid.json, .md
 
 `--only` / `--skip` keep or drop runs whose name contains any of the comma-separated
@@ -76,8 +77,9 @@ def run(args: argparse.Namespace) -> None:
         if (not only or any(w in n for w in only)) and not any(w in n for w in skip)
     ]
     wrap = args.wrap.split() if args.wrap else []
+    done = set(json.loads(Path(args.done).read_text())["runs"]) if args.done else set()
     for name, overrides in todo:
-        if (out / name / "summary.json").exists():
+        if (out / name / "summary.json").exists() or name in done:
             continue
         cmd = [*wrap, sys.executable, "-m", "sidpipe.cli", "train", *overrides,
                f"hydra.run.dir={out / name}"]  # fmt: skip
@@ -101,7 +103,11 @@ def paired(rows: dict, names: list[str], other: str) -> float | None:
 
 
 def summarize(args: argparse.Namespace) -> None:
-    rows = {}
+    # Rows recorded by an earlier summarize are kept: a grid spans sessions, and a run's
+    # directory (checkpoints, logs) may be gone once its row is in the record. A run
+    # directory that exists now replaces its recorded row.
+    record = Path(args.to) / "bpb_grid.json"
+    rows = json.loads(record.read_text())["runs"] if record.exists() else {}
     for s in sorted(Path(args.out).glob("*/summary.json")):
         d = json.loads(s.read_text())
         rows[s.parent.name] = {k: d.get(k) for k in (
@@ -158,6 +164,7 @@ def main() -> None:
     r.add_argument("--skip", default="")
     r.add_argument("--wrap", default="")
     r.add_argument("--pause-file", default="")
+    r.add_argument("--done", default="", help="a bpb_grid.json whose runs are not rerun")
     r.add_argument("--dry-run", action="store_true")
     s = sub.add_parser("summarize")
     s.add_argument("out")

@@ -93,7 +93,8 @@ def stage_step(learner: SIDLearner, h: Tensor, p: Tensor, y: Tensor, clock: Cloc
         clock.mark("blocks")
         z = head(h, p.detach())
         clock.mark("heads")
-        losses.append(sid_loss(z, y, p, sid.alpha, sid.kl_direction, sid.label_smoothing))
+        sent_k = learner.sent_k if i or learner.first else None
+        losses.append(sid_loss(z, y, p, sid.alpha, sid.kl_direction, sid.label_smoothing, sent_k))
         p = F.softmax(z.float(), dim=-1).detach()
         clock.mark("loss")
     learner.update(losses)

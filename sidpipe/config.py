@@ -63,6 +63,11 @@ class KLDirection(str, Enum):
     reverse = "reverse"
 
 
+class TopkConsistency(str, Enum):
+    partition = "partition"  # KL on {each sent class, the rest as one} (method/loss.py)
+    even = "even"  # KL against the rebuilt prior, the rest spread evenly
+
+
 class Schedule(str, Enum):
     """The backprop pipeline schedules of torch.distributed.pipelining (docs/design.md §6)."""
 
@@ -267,6 +272,8 @@ class SIDConfig:
     alpha: float = 0.5  # weight of label fidelity vs consistency with the previous belief
     kl_direction: KLDirection = KLDirection.forward
     label_smoothing: float = 0.0
+    # with pipeline.belief_topk: what the consistency term compares the belief against
+    topk_consistency: TopkConsistency = TopkConsistency.partition
     modules: int = 5  # number of belief modules of the `shared` variant
     accumulate_steps: int = 1  # messages per optimizer step (docs/design.md §1)
 

@@ -464,6 +464,24 @@ def test_topk_classifier_pipeline_equals_sequential(tmp_path):
     assert results[-1]["_history"][-1]["test_per_depth"] == seq["per_depth_accuracy"]
 
 
+def test_topk_consistency_reaches_every_module_but_the_first(tmp_path):
+    """sid.topk_consistency changes the loss of every module that reads a top-k prior and
+    of no other: the network's first module (which reads the uniform p_0) trains the same
+    parameters under both rules, every later one different ones."""
+    states = {}
+    for rule in ("partition", "even"):
+        cfg = compose_config([*TINY, "pipeline.belief_topk=3", "pipeline.stages=1",
+                              "train.max_steps=5", f"sid.topk_consistency={rule}"])  # fmt: skip
+        train_single(cfg, tmp_path / rule)
+        states[rule] = load_state(tmp_path / rule)
+    a, b = states["partition"], states["even"]
+    equal: dict[str, bool] = {}  # module index -> all its block and head tensors equal
+    for key in a:
+        m = key.split(".")[1]
+        equal[m] = equal.get(m, True) and torch.equal(a[key], b[key])
+    assert equal == {"0": True, "1": False, "2": False, "3": False}
+
+
 def test_simulator_and_balancer_charge_the_bytes_sent(text_file):
     """wire_nbytes (what the simulator and partition=auto charge a link with) is what the
     wire carries: dense V floats, or W words per position with top-k."""

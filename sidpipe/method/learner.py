@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from sidpipe.config import Config, OptimConfig, Precision
+from sidpipe.config import Config, OptimConfig, Precision, TopkConsistency
 from sidpipe.errors import ConfigError
 from sidpipe.method.graphs import WARMUP, StepGraphs
 from sidpipe.method.loss import sid_loss
@@ -104,6 +104,10 @@ class SIDLearner:
         self.cfg = cfg
         self.device = device
         self.first = stage.first
+        # top-k beliefs: every module but the network's first reads a rebuilt prior, and with
+        # sid.topk_consistency=partition its consistency term covers only what was sent
+        partition = cfg.sid.topk_consistency is TopkConsistency.partition
+        self.sent_k = stage.belief_topk if partition else None
         # One optimizer for all of the stage's modules (unless optim.per_module). Adam, AdamW
         # and SGD update every element independently, so this is exactly one optimizer per
         # module, in one fused kernel per step instead of one per module (measured: half the
@@ -171,7 +175,12 @@ class SIDLearner:
                 # Stop-gradient on both inputs: a module's loss reaches only its block and head.
                 h = block(h.detach())
                 z = head(h, p.detach())
-                losses.append(sid_loss(z, y, p, sid.alpha, sid.kl_direction, sid.label_smoothing))
+                losses.append(
+                    sid_loss(
+                        z, y, p, sid.alpha, sid.kl_direction, sid.label_smoothing,
+                        self.sent_k if i or self.first else None,
+                    )
+                )  # fmt: skip
                 logits_all.append(z)
                 p = F.softmax(z.float(), dim=-1).detach()
         return h.detach(), p, losses, logits_all

@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import multiprocessing.process
 import os
+import random
+import socket
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -95,6 +97,27 @@ def refusal(overrides: list[str], run_dir: Path) -> str:
     assert not (run_dir / "metrics.jsonl").exists()  # nothing trained
     assert not (run_dir / "failure.txt").exists()  # no stage process was started
     return str(e.value)
+
+
+def fixed_ports(n: int = 1) -> int:
+    """The first of n consecutive free ports on 127.0.0.1 for a server a test starts by
+    number (a c10d rendezvous, slurmctld + slurmd). Taken below the kernel's ephemeral range
+    (ip_local_port_range), which is where every bind to port 0 lands: so no other process's
+    gloo pair or TCPStore takes the port between this check and the server's own bind. A
+    port from bind(0) could be taken in between, and torchrun's c10d backend then joins
+    that stranger's store as a client instead of failing."""
+    low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    rng = random.Random()  # not the tests' seeded global generator
+    for _ in range(200):
+        port = rng.randrange(max(1024, low - 12000), low - n)
+        try:
+            for i in range(n):
+                with socket.socket() as s:
+                    s.bind(("127.0.0.1", port + i))
+        except OSError:
+            continue
+        return port
+    raise RuntimeError(f"no {n} free consecutive ports below {low}")
 
 
 def read_summary(run_dir: Path) -> dict:

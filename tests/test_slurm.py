@@ -13,7 +13,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import socket
 import subprocess
 import sys
 import time
@@ -24,28 +23,13 @@ import pytest
 import torch
 
 from sidpipe.runtime.io import load_state
-from tests.conftest import REPO, TINY, read_summary, run_cli
+from tests.conftest import REPO, TINY, fixed_ports, read_summary, run_cli
 
 LOCAL_SLURM = REPO / "launch" / "local_slurm.sh"
 SBATCH = REPO / "launch" / "slurm.sbatch"
 # long enough that a signal lands mid-run (460 steps), short enough to finish in seconds
 RUN = [*TINY, "train.epochs=20", "train.eval_every_epoch=false", "checkpoint.every_n_steps=100",
        "train.log_every=1"]  # fmt: skip
-
-
-def _free_port_pair() -> int:
-    for _ in range(50):
-        with socket.socket() as a:
-            a.bind(("127.0.0.1", 0))
-            port = a.getsockname()[1]
-        if port < 65000:
-            with socket.socket() as b:
-                try:
-                    b.bind(("127.0.0.1", port + 1))
-                except OSError:
-                    continue
-            return port
-    return 6817
 
 
 @pytest.fixture(scope="session")
@@ -57,7 +41,7 @@ def slurm(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]:
         yield {**base, "SLURM_CONF": conf}
         return
     env = {**base, "LOCAL_SLURM_DIR": str(tmp_path_factory.mktemp("slurm")),
-           "LOCAL_SLURM_PORT": str(_free_port_pair())}  # fmt: skip
+           "LOCAL_SLURM_PORT": str(fixed_ports(2))}  # fmt: skip
     t0 = time.monotonic()
     r = subprocess.run(["bash", str(LOCAL_SLURM), "up"], env=env, capture_output=True,
                        text=True, timeout=900)  # fmt: skip

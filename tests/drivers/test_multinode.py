@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -15,16 +14,10 @@ import pytest
 import torch
 
 from sidpipe.runtime.io import load_state
-from tests.conftest import REPO, TINY, read_summary, run_cli
+from tests.conftest import REPO, TINY, fixed_ports, read_summary, run_cli
 
 STEPS = ["train.epochs=2", "train.max_steps=25"]
 SCRIPT = REPO / "launch" / "torchrun_multi_node.sh"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def start_nodes(tmp_path, run_dir, args: list[str]) -> list[subprocess.Popen]:
@@ -32,7 +25,7 @@ def start_nodes(tmp_path, run_dir, args: list[str]) -> list[subprocess.Popen]:
     torchrun.write_text(f'#!/bin/sh\nexec {sys.executable} -m torch.distributed.run "$@"\n')
     torchrun.chmod(0o755)
     env = {**os.environ, "NNODES": "2", "NPROC_PER_NODE": "1", "RUN_DIR": str(run_dir),
-           "RDZV_ENDPOINT": f"127.0.0.1:{free_port()}", "RDZV_ID": uuid.uuid4().hex[:8],
+           "RDZV_ENDPOINT": f"127.0.0.1:{fixed_ports()}", "RDZV_ID": uuid.uuid4().hex[:8],
            "TORCHRUN": str(torchrun), "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}  # fmt: skip
     return [subprocess.Popen(["bash", str(SCRIPT), *args], env=env, cwd=REPO, text=True,
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE,

@@ -64,8 +64,8 @@ class KLDirection(str, Enum):
 
 
 class TopkConsistency(str, Enum):
-    partition = "partition"  # KL on {each sent class, the rest as one} (method/loss.py)
     even = "even"  # KL against the rebuilt prior, the rest spread evenly
+    partition = "partition"  # KL on {each sent class, the rest as one} (method/loss.py)
 
 
 class Schedule(str, Enum):
@@ -273,7 +273,7 @@ class SIDConfig:
     kl_direction: KLDirection = KLDirection.forward
     label_smoothing: float = 0.0
     # with pipeline.belief_topk: what the consistency term compares the belief against
-    topk_consistency: TopkConsistency = TopkConsistency.partition
+    topk_consistency: TopkConsistency = TopkConsistency.even
     modules: int = 5  # number of belief modules of the `shared` variant
     accumulate_steps: int = 1  # messages per optimizer step (docs/design.md §1)
 

@@ -8,13 +8,14 @@ zero entropy), which is what the reference code computes. Reverse KL puts p_i fi
 needs a target with full support, so the label term uses a smoothed one-hot and both
 targets are clamped away from zero to keep the loss finite.
 
-Top-k beliefs (pipeline.belief_topk=k, sid.topk_consistency=partition): the previous belief
-arrived as its k largest values and the mass of the rest. The consistency term is then the
-KL between the two beliefs *on the partition the message describes* — each of the k classes
-on its own, the other V - k as one outcome — so it asks p_i to agree with what was sent and
-nothing more. Against the rebuilt prior (the rest spread evenly, `even`) the KL is this
-term plus rest * KL(uniform || p_i's tail): a push toward a flat tail the sender never
-claimed (the chain rule of KL; docs/language-models.md, tests/method/test_loss.py).
+Top-k beliefs (pipeline.belief_topk=k): the previous belief arrived as its k largest values
+and the mass of the rest. sid.topk_consistency=partition computes the consistency term as
+the KL between the two beliefs *on the partition the message describes* — each of the k
+classes on its own, the other V - k as one outcome — so it asks p_i to agree with what was
+sent and nothing more. Against the rebuilt prior (the rest spread evenly; `even`, the
+default) the KL is this term plus rest * KL(uniform || p_i's tail): a push toward a flat
+tail the sender never claimed (the chain rule of KL: docs/language-models.md,
+tests/method/test_loss.py).
 """
 
 from __future__ import annotations

@@ -67,6 +67,19 @@ def efficiencies(b: dict[str, Any]) -> dict[int, tuple[float, float]]:
     return out
 
 
+def map_efficiencies(at_s2: float, simulated: list[dict[str, Any]]) -> dict[int, float]:
+    """e_sid / e_bp per S for the map: the calibration's at S = 2; above, each SIMULATED
+    bench.json's at S = its module count only (the map is of S = K pipelines, one module
+    per stage), averaged per S."""
+    per_s: dict[int, list[float]] = {2: [at_s2]}
+    for b in simulated:
+        k = b["config"]["model"]["blocks"] or b["config"]["model"]["depth"]
+        for s, (e_sid, e_bp) in efficiencies(b).items():
+            if s != 2 and s == k:
+                per_s.setdefault(s, []).append(e_sid / e_bp)
+    return {s: sum(v) / len(v) for s, v in per_s.items()}
+
+
 def read_run(bench_dir: Path) -> Run:
     """One run's numbers from its bench.json (the rows and the config it ran with)."""
     b = json.loads((bench_dir / "bench.json").read_text())
@@ -193,7 +206,7 @@ def main() -> None:
         nargs="*",
         type=Path,
         default=[],
-        help="SIMULATED bench dirs: the pipelines' efficiencies at their S",
+        help="SIMULATED bench dirs: the pipelines' efficiencies at S = their module count",
     )
     ap.add_argument("--out", type=Path)
     args = ap.parse_args()
@@ -201,13 +214,8 @@ def main() -> None:
     split = json.loads(args.split.read_text())
     phi = head_share(split, max(r.vocab for r in calib))
     model = calibrate(calib, phi)
-    # e_sid / e_bp per S: the calibration's at S = 2, each simulated dir's (averaged) above
-    per_s: dict[int, list[float]] = {2: [model.e_sid / model.e_bp]}
-    for p in args.efficiency:
-        for s, (e_sid, e_bp) in efficiencies(json.loads((p / "bench.json").read_text())).items():
-            if s != 2:
-                per_s.setdefault(s, []).append(e_sid / e_bp)
-    effs = {s: sum(v) / len(v) for s, v in per_s.items()}
+    simulated = [json.loads((p / "bench.json").read_text()) for p in args.efficiency]
+    effs = map_efficiencies(model.e_sid / model.e_bp, simulated)
     text = report(model, calib, [read_run(p) for p in args.validate], effs)
     print(text)
     if args.out:

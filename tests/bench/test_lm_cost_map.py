@@ -74,3 +74,16 @@ def test_a_recorded_run_reads_back_its_own_headline():
     assert run.ratio == head["ratio_equal_update"]
     # the ratio is e_sid / e_bp times the sequential ratio, by the definition of e
     assert run.e_sid / run.e_bp * run.t_seq_bp / run.t_seq_sid == pytest.approx(run.ratio)
+
+
+def test_the_map_takes_each_simulation_only_at_s_equal_to_its_module_count():
+    """The map is of S = K pipelines: the 8-module simulation's S = 4 point (two modules
+    per stage) must not enter the S = 4 map, only its S = 8 point the S = 8 map."""
+    four = json.loads((RECORDED / "simulated-v256" / "bench.json").read_text())
+    eight = json.loads((RECORDED / "simulated-v256-8modules" / "bench.json").read_text())
+    effs = cost_map.map_efficiencies(0.97, [four, eight])
+    e4, e8 = cost_map.efficiencies(four), cost_map.efficiencies(eight)
+    assert set(effs) == {2, 4, 8} and effs[2] == 0.97
+    assert effs[4] == pytest.approx(e4[4][0] / e4[4][1])
+    assert effs[8] == pytest.approx(e8[8][0] / e8[8][1])
+    assert effs[4] != pytest.approx(e8[4][0] / e8[4][1])

@@ -314,8 +314,7 @@ def spawn(cfg: Config, run_dir: Path) -> dict[str, Any]:
         reason = next((p for p in (run_dir / FAILURE_FILE, fallback / FAILURE_FILE)
                        if p.is_file() and p.stat().st_size), None)  # fmt: skip
         detail = reason.read_text().strip() if reason else "no stage reported a reason"
-        first = re.match(r"\[stage (\d+)\]", detail)
-        reporter = int(first.group(1)) if first else None
+        reporter = reporting_stage(detail)
         crashed = [r for r, f in e.failures.items() if f.exitcode < 0]
         crash = next((c for r in sorted(crashed) if (c := native_crash(run_dir, r))), "")
         restarts = cfg.pipeline.max_restarts
@@ -371,6 +370,15 @@ def _drop_empty_fault_files(run_dir: Path, stages: int) -> None:
         path = run_dir / FAULT_FILE.format(rank=rank)
         if path.exists() and path.stat().st_size == 0:
             path.unlink()
+
+
+def reporting_stage(line: str) -> int | None:
+    """The stage a failure.txt line is about: "[stage a] ..." names a, but "[stage a]
+    stopping: [stage b] ..." means a stopped because of b, so b."""
+    m = re.match(r"\[stage \d+\] stopping: \[stage (\d+)\]", line) or re.match(
+        r"\[stage (\d+)\]", line
+    )
+    return int(m.group(1)) if m else None
 
 
 def _failure_line(e: Any, reporter: int | None = None) -> str:

@@ -54,11 +54,14 @@ class DistContext:
         """Print the failure, publish it to peers, and keep the first one in run_dir/failure.txt."""
         line = f"{self.tag} {message}"
         print(f"sidpipe: error: {line}", file=sys.stderr, flush=True)
+        # the file before the store: a peer that stops because it read this line from the
+        # store must find failure.txt already taken, or its "stopping: ..." line wins the
+        # file and the launcher's headline names the wrong stage
+        write_failure(run_dir, line)
         try:
             self.store.compare_set(ERROR_KEY, "", line)
         except Exception:  # the store may be gone already (launcher tearing down)
             pass
-        write_failure(run_dir, line)
 
     def start_heartbeat(self, store: dist.Store) -> None:
         """A daemon thread stamps this stage's clock on the control plane every HEARTBEAT_S,

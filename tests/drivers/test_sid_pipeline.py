@@ -8,6 +8,7 @@ import shutil
 import pytest
 import torch
 
+from sidpipe.drivers.launch import reporting_stage
 from sidpipe.runtime.io import load_state
 from tests.conftest import (
     REPO,
@@ -130,6 +131,13 @@ def test_torchrun_bad_layout_fails_every_rank(overrides, message, tmp_path):
     r = run_clean(cmd, tmp_path, timeout=120)
     assert r.returncode != 0
     assert message in r.stderr
+
+
+def test_the_headline_follows_a_stopping_line_to_its_cause():
+    """If a peer's "stopping: [stage b]" line reached failure.txt first, b is still named."""
+    assert reporting_stage("[stage 2] step 5: RuntimeError: injected fault") == 2
+    assert reporting_stage("[stage 0] stopping: [stage 2] step 5: RuntimeError: x") == 2
+    assert reporting_stage("no stage reported a reason") is None
 
 
 @pytest.mark.multiprocess

@@ -23,9 +23,14 @@ lint: $(STAMP)
 	$(BIN)/ruff format --check sidpipe tests benchmarks
 	$(BIN)/lint-imports
 
-# Both tiers: the in-process one and the real multi-process one (pipelines, torchrun, CLI).
+# Both tiers: the in-process one and the real multi-process one (pipelines, torchrun, CLI),
+# in PYTEST_WORKERS pytest-xdist workers, one file per worker at a time (loadfile: a module's
+# fixtures, the bench and study runs, are built once). Two workers on two cores: a
+# multi-process test spends much of its wall time starting interpreters and waiting on its
+# peers, so one worker leaves a core idle. PYTEST_WORKERS=0 runs in this process.
+PYTEST_WORKERS ?= 2
 test: $(STAMP) lint
-	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -q -n $(PYTEST_WORKERS) --dist loadfile $(PYTEST_ARGS)
 
 # The in-process tier only: config checks, runner logic, codec, cadence (a few minutes).
 test-fast: $(STAMP)

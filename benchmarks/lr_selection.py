@@ -9,10 +9,12 @@ by the best mean validation accuracy (each run's best epoch on validation) over 
 has at every lr it tried, and only once it has tried every lr of --base (default: every lr
 given); test accuracy never takes part in the choice.
 
-Without --next: the table. Per lr, mean validation / val-selected test accuracy over those
-selection seeds; then, at the chosen lr and over every seed run there, the test accuracy
-selected on validation and at the last epoch, and the gap to BP when each side uses its own
-chosen lr, paired by seed. A chosen lr at the edge of what was tried is marked "(edge)".
+Without --next: two tables. The first: per lr, mean validation / val-selected test accuracy
+over those selection seeds; then, at the chosen lr and over every seed run there, the test
+accuracy selected on validation and at the last epoch, and the gap to BP when each side uses
+its own chosen lr, paired by seed. A chosen lr at the edge of what was tried is marked
+"(edge)". The second: every paired difference (local − BP, SID − greedy per head, head −
+pool per method) with its per-seed values, a paired t-test and Holm's correction.
 
 With --next: what the study should run next, one line per cell, `LR MODEL METHOD HEAD BLOCKS
 SEEDS` (HEAD and BLOCKS are '-' for BP; SEEDS as [a,b]). If the chosen lr is the largest (or
@@ -30,8 +32,9 @@ import statistics
 import sys
 from collections import defaultdict
 from pathlib import Path
+from typing import Any
 
-from sidpipe.bench.accuracy.stats import pct, table
+from sidpipe.bench.accuracy.stats import holm, paired_t_p, pct, table
 
 Cell = tuple[str, str, str | None, int | None]  # model, method, head (None: BP), blocks
 # (best validation, val-selected test, last-epoch test) of one run
@@ -123,6 +126,50 @@ def selection_table(studies: dict[str, Path], base: list[str] | None = None) -> 
     return table(head, body)
 
 
+def paired_table(studies: dict[str, Path], base: list[str] | None = None) -> str:
+    """Every comparison the study makes, each side at its own chosen lr, paired by seed:
+    each local arm − BP, SID − greedy with the same head, each head − pool for the same
+    method. Mean ± std over the paired seeds (val-selected and last-epoch test), the per-seed
+    values, the paired t-test's p (val-selected) and whether it survives Holm's correction
+    over its family of rows at 0.05: the cells share seeds and the data split, so they are
+    compared one by one and never pooled."""
+    data = cells(studies)
+    chosen = choose(data, base if base is not None else by_value(list(studies)))
+    pairs: list[tuple[str, str, Any, str, Cell, Cell]] = []  # family, model, K, label, a, b
+    for key in sorted(chosen, key=lambda k: (k[0], k[3] or 0, k[1], k[2] or "")):
+        model, method, head, k = key
+        if method == "bp":
+            continue
+        if (bp := (model, "bp", None, None)) in chosen:
+            pairs.append(("− BP", model, k, f"{label(key)} − BP", key, bp))
+        if method == "sid" and (greedy := (model, "greedy", head, k)) in chosen:
+            pairs.append(("SID − greedy", model, k, f"SID − greedy ({head} head)", key, greedy))
+        if head != "pool" and (pool := (model, method, "pool", k)) in chosen:
+            pairs.append(("head − pool", model, k, f"{method}: {head} − pool head", key, pool))
+    order = {"− BP": 0, "SID − greedy": 1, "head − pool": 2}
+    pairs.sort(key=lambda p: (p[1], p[2] or 0, order[p[0]]))  # stable: per cell, by family
+    rows = []
+    for family, model, k, what, a, b in pairs:
+        mine, theirs = data[a][chosen[a]], data[b][chosen[b]]
+        seeds = sorted(set(mine) & set(theirs))
+        val = [mine[s][1] - theirs[s][1] for s in seeds]
+        last = [mine[s][2] - theirs[s][2] for s in seeds]
+        rows.append([family, model, k, what, f"{chosen[a]} / {chosen[b]}", val, last,
+                     paired_t_p(val)])  # fmt: skip
+    survives: dict[int, bool] = {}
+    for family in {r[0] for r in rows}:
+        tested = [i for i, r in enumerate(rows) if r[0] == family and r[7] is not None]
+        survives.update(zip(tested, holm([rows[i][7] for i in tested]), strict=True))
+    head_ = ["model", "K", "difference", "lrs", "val-selected", "last epoch",
+             "per seed (val-selected)", "p (paired t)", "holds (Holm, 0.05)"]  # fmt: skip
+    body = [[model, k, what, lrs, pct(val, signed=True), pct(last, signed=True),
+             " / ".join(f"{100 * d:+.1f}" for d in val),
+             "–" if p is None else f"{p:.3f}",
+             "–" if p is None else ("yes" if survives[i] else "no")]
+            for i, (_, model, k, what, lrs, val, last, p) in enumerate(rows)]  # fmt: skip
+    return table(head_, body)
+
+
 def next_runs(
     studies: dict[str, Path],
     base: list[str],
@@ -187,6 +234,11 @@ def main(argv: list[str]) -> int:
                   file=sys.stderr)  # fmt: skip
             return 2
     print(selection_table(studies, base))
+    print(
+        "\nPaired differences, each side at its own chosen lr (in points; p: paired t-test "
+        "over seeds, val-selected; Holm over each family of rows):\n"
+    )
+    print(paired_table(studies, base))
     return 0
 
 

@@ -6,10 +6,13 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import math
+import statistics
 from pathlib import Path
 
 import pytest
 
+from sidpipe.bench.accuracy.stats import holm, paired_t_p
 from tests.conftest import REPO
 
 SCRIPT = REPO / "benchmarks" / "lr_selection.py"
@@ -106,3 +109,56 @@ def test_bad_arguments_are_one_line(tmp_path, capsys) -> None:
         assert "Traceback" not in err and "error:" in err
     assert lr_selection.main(["--next", f"1e-3={tmp_path}"]) == 0  # nothing run yet: nothing
     assert capsys.readouterr().out.strip() == ""
+
+
+def test_paired_t_p_matches_the_textbook_critical_values() -> None:
+    """Two-sided 5% critical values of Student's t (any statistics table) give p = 0.05."""
+    for df, t in [(1, 12.706), (2, 4.303), (3, 3.182), (4, 2.776), (5, 2.571), (10, 2.228)]:
+        n = df + 1
+        spread = [(-1.0) ** i for i in range(n)] if n % 2 == 0 else [0.0] + [
+            (-1.0) ** i for i in range(n - 1)]  # fmt: skip
+        sd = statistics.stdev(spread)
+        diffs = [x + t * sd / math.sqrt(n) for x in spread]  # mean / (sd / sqrt n) = t
+        assert paired_t_p(diffs) == pytest.approx(0.05, abs=2e-4), df
+    assert paired_t_p([0.01, -0.01, 0.0]) == pytest.approx(1.0)
+    assert paired_t_p([0.02]) is None  # one pair: no test
+
+
+def test_holm_steps_down_and_stops_at_the_first_failure() -> None:
+    # sorted: 0.01 <= 0.05/4, 0.015 <= 0.05/3, 0.03 > 0.05/2 -> stop; 0.04 fails too
+    assert holm([0.03, 0.01, 0.04, 0.015]) == [False, True, False, True]
+    assert holm([0.03, 0.01, 0.04, 0.02]) == [False, True, False, False]  # 0.02 > 0.05/3
+    assert holm([0.2, 0.01]) == [False, True]
+    assert holm([]) == []
+
+
+def test_the_paired_table_pairs_each_side_at_its_own_lr(tmp_path) -> None:
+    seeds = (0, 1, 2)
+    low = study(tmp_path / "low", {("bp", None): (0.60, 0.58), ("sid", 4, "pool"): (0.50, 0.40),
+                                   ("greedy", 4, "pool"): (0.52, 0.30),
+                                   ("sid", 4, "spatial"): (0.40, 0.50)}, seeds)  # fmt: skip
+    high = study(tmp_path / "high", {("bp", None): (0.55, 0.62), ("sid", 4, "pool"): (0.52, 0.45),
+                                     ("greedy", 4, "pool"): (0.50, 0.20),
+                                     ("sid", 4, "spatial"): (0.56, 0.52)}, seeds)  # fmt: skip
+    lines = lr_selection.paired_table({"1e-4": low, "1e-3": high}).splitlines()
+    assert lines[0].startswith("| model | K | difference | lrs | val-selected |")
+    rows = {line.split(" | ")[2]: line for line in lines[2:]}
+    # SID pool chose 1e-3 (0.45 test), greedy 1e-4 (0.30): +15 points in every seed, no spread
+    sid_greedy = rows["SID − greedy (pool head)"]
+    assert (
+        "| 1e-3 / 1e-4 | +15.00 ± 0.00 | +15.00 ± 0.00 | +15.0 / +15.0 / +15.0 | 0.000 | yes |"
+        in sid_greedy
+    )
+    # spatial chose 1e-3 (0.52), BP 1e-4 (0.58): -6 points
+    assert "| 1e-3 / 1e-4 | -6.00 ± 0.00 |" in rows["sid (spatial head) − BP"]
+    assert "| 1e-3 / 1e-3 | +7.00 ± 0.00 |" in rows["sid: spatial − pool head"]
+    # the families come in order within a cell: every − BP row, then SID − greedy, then heads
+    order = [line.split(" | ")[2] for line in lines[2:]]
+    assert order == ["greedy − BP", "sid − BP", "sid (spatial head) − BP",
+                     "SID − greedy (pool head)", "sid: spatial − pool head"]  # fmt: skip
+
+
+def test_a_difference_without_spread_in_one_seed_has_no_test(tmp_path) -> None:
+    a = study(tmp_path / "a", {("bp", None): (0.6, 0.6), ("sid", 4): (0.5, 0.5)}, seeds=(0,))
+    lines = lr_selection.paired_table({"1e-3": a}).splitlines()
+    assert lines[2].endswith("| -10.0 | – | – |")

@@ -4,6 +4,7 @@ and one-line findings. Pure functions of the rows: no files, no plots."""
 
 from __future__ import annotations
 
+import math
 import statistics
 from collections import defaultdict
 from collections.abc import Iterable
@@ -66,6 +67,47 @@ def verdict(diffs: list[float]) -> tuple[float, str]:
     m = statistics.fmean(diffs)
     tol = max(TOL, statistics.stdev(diffs) if len(diffs) > 1 else 0.0)
     return m, ("above" if m > tol else "below" if m < -tol else "level with")
+
+
+def paired_t_p(diffs: list[float]) -> float | None:
+    """Two-sided p-value of the paired t-test that the mean difference is 0 (Student's t with
+    n - 1 degrees of freedom, exact for integer df: Abramowitz & Stegun 26.7.3-4); None with
+    fewer than 2 pairs. With 3 seeds (df 2) only |t| > 4.30 reaches p < 0.05: a cell's three
+    seeds are weak evidence, and the table says so rather than pooling cells that share seeds."""
+    n = len(diffs)
+    if n < 2:
+        return None
+    m, sd = statistics.fmean(diffs), statistics.stdev(diffs)
+    if sd == 0.0:
+        return 0.0 if m != 0.0 else 1.0
+    df = n - 1
+    theta = math.atan(abs(m) / (sd / math.sqrt(n)) / math.sqrt(df))
+    c2 = math.cos(theta) ** 2
+    if df % 2 == 0:  # sin(theta) * (1 + c2/2 + 1*3 c2^2/(2*4) + ...), df/2 terms
+        term, total = 1.0, 1.0
+        for k in range(1, df // 2):
+            term *= c2 * (2 * k - 1) / (2 * k)
+            total += term
+        inside = math.sin(theta) * total
+    else:  # (2/pi) (theta + sin cos (1 + 2/3 c2 + 2*4/(3*5) c2^2 + ...)), (df-1)/2 terms
+        term, total = 1.0, 1.0 if df > 1 else 0.0
+        for k in range(1, (df - 1) // 2):
+            term *= c2 * (2 * k) / (2 * k + 1)
+            total += term
+        inside = 2 / math.pi * (theta + math.sin(theta) * math.cos(theta) * total)
+    return max(0.0, 1.0 - inside)
+
+
+def holm(ps: list[float], alpha: float = 0.05) -> list[bool]:
+    """Which of a family of p-values survive Holm's step-down correction at `alpha` (the
+    family-wise error rate, without assuming the tests are independent)."""
+    order = sorted(range(len(ps)), key=lambda i: ps[i])
+    keep = [False] * len(ps)
+    for rank, i in enumerate(order):
+        if ps[i] > alpha / (len(ps) - rank):
+            break
+        keep[i] = True
+    return keep
 
 
 def by(rows: Iterable[Row], *keys: str) -> dict[tuple, list[Row]]:

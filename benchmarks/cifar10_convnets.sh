@@ -94,26 +94,28 @@ for part in $PARTS; do
                  "study.heads=[pool,$HEAD]" "study.seeds=[0]"
              done
              last=""
-             while next=$("$PYTHON" benchmarks/lr_selection.py --next --base "$base" \
-                            --seeds 0,1,2 --models "$model" --blocks "${blocks:1:-1}" \
-                            "${lr_args[@]}") && [[ -n "$next" ]]; do
+             ask=("$PYTHON" benchmarks/lr_selection.py --next --base "$base" --seeds 0,1,2
+                  --models "$model" --blocks "${blocks:1:-1}" "${lr_args[@]}")
+             while next=$("${ask[@]}") && [[ -n "$next" ]]; do
                if [[ "$next" == "$last" ]]; then  # a run did not give the rows asked for
                  echo "cifar10_convnets.sh: the lr search made no progress; still to run:" \
                    "$(tr '\n' ';' <<< "$next")" >&2
                  exit 1
                fi
                last=$next
-               # fd 3: sidpipe must not read the list on its stdin
-               while read -r lr _ method head k seeds <&3; do
-                 if [[ $method == bp ]]; then
+               # the same runs as few calls as give exactly them (--calls), so each call
+               # runs JOBS at a time; fd 3: sidpipe must not read the list on its stdin
+               todo=$("${ask[@]}" --calls)
+               while read -r lr seeds methods heads ks baseline <&3; do
+                 if [[ $methods == "[]" ]]; then  # BP alone
                    what=("study.blocks=[]")
                  else
-                   what=(study.baseline=false "study.blocks=[$k]" "study.methods=[$method]"
-                         "study.heads=[$head]")
+                   what=("study.baseline=$baseline" "study.blocks=$ks" "study.methods=$methods"
+                         "study.heads=$heads")
                  fi
                  study "$lr" "study.out=$HEADS_OUT/lr-$lr" "${cell[@]}" "${what[@]}" \
                    "study.seeds=$seeds"
-               done 3<<< "$next"
+               done 3<<< "$todo"
              done
            done ;;
   esac

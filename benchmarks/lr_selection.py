@@ -20,8 +20,9 @@ With --next: what the study should run next, one line per cell, `LR MODEL METHOD
 SEEDS` (HEAD and BLOCKS are '-' for BP; SEEDS as [a,b]). If the chosen lr is the largest (or
 smallest) the cell tried and a larger (smaller) lr is given, the first of --seeds at the next
 lr out: the grid extends where the best is at its edge. Otherwise the seeds of --seeds the
-cell lacks at its chosen lr. Nothing when every cell is complete. benchmarks/cifar10_convnets.sh
-(PARTS=heads) runs seed 0 at every base lr, then what --next says until it says nothing.
+cell lacks at its chosen lr. Nothing when every cell is complete. With --calls, the same runs
+as `sidpipe accuracy` calls (see calls()). benchmarks/cifar10_convnets.sh (PARTS=heads) runs
+seed 0 at every base lr, then what --next --calls says until --next says nothing.
 """
 
 from __future__ import annotations
@@ -201,6 +202,42 @@ def next_runs(
     return lines
 
 
+def calls(lines: list[str]) -> list[str]:
+    """The --next lines as few `sidpipe accuracy` calls as give exactly those runs, so a study
+    runs its runs study.jobs at a time instead of one cell per call. One call per (lr, seeds,
+    method) whose (head, K) cells form a full grid, else one per (lr, seeds, method, head); BP
+    rides along (study.baseline=true) with the first call of its lr and seeds, or alone.
+    Each line: `LR SEEDS METHODS HEADS BLOCKS BASELINE`, lists as [a,b] ([] for BP alone)."""
+    groups: dict[tuple[str, str], dict[str, set[tuple[str, int]]]] = {}
+    bp: set[tuple[str, str]] = set()
+    for line in lines:
+        lr, _, method, head, k, seeds = line.split()
+        group = groups.setdefault((lr, seeds), {})  # BP alone still makes a call
+        if method == "bp":
+            bp.add((lr, seeds))
+        else:
+            group.setdefault(method, set()).add((head, int(k)))
+    out = []
+    for (lr, seeds), methods in groups.items():
+        todo = []
+        for method, cells_ in methods.items():
+            heads = sorted({h for h, _ in cells_}, key=lambda h: (h != "pool", h))
+            blocks = sorted({k for _, k in cells_})
+            if len(cells_) == len(heads) * len(blocks):  # a full grid: one call
+                todo.append(([method], heads, blocks))
+            else:
+                for h in heads:
+                    todo.append(([method], [h], sorted(k for hh, k in cells_ if hh == h)))
+        with_bp = (lr, seeds) in bp
+        if not todo:
+            todo.append(([], [], []))
+        for i, (ms, hs, ks) in enumerate(todo):
+            fmt = ",".join
+            out.append(f"{lr} {seeds} [{fmt(ms)}] [{fmt(hs)}] [{fmt(str(k) for k in ks)}] "
+                       f"{'true' if with_bp and i == 0 else 'false'}")  # fmt: skip
+    return out
+
+
 def csv(kind: type) -> object:
     return lambda text: [kind(x) for x in text.split(",") if x]
 
@@ -210,6 +247,7 @@ def main(argv: list[str]) -> int:
     p.add_argument("studies", nargs="+", metavar="LR=DIR")
     p.add_argument("--base", type=csv(str), help="lrs every cell must try before choosing")
     p.add_argument("--next", action="store_true", help="print the runs the study needs next")
+    p.add_argument("--calls", action="store_true", help="with --next: as study calls")
     p.add_argument("--seeds", type=csv(int), default=[0, 1, 2])
     p.add_argument("--models", type=csv(str))
     p.add_argument("--blocks", type=csv(int))
@@ -226,7 +264,8 @@ def main(argv: list[str]) -> int:
     if unknown := [lr for lr in base if lr not in studies]:
         p.error(f"--base lists {', '.join(unknown)}, which no LR=DIR gives")
     if args.next:
-        print("\n".join(next_runs(studies, base, args.seeds, args.models, args.blocks)))
+        lines = next_runs(studies, base, args.seeds, args.models, args.blocks)
+        print("\n".join(calls(lines) if args.calls else lines))
         return 0
     for lr in base:
         if not (studies[lr] / "blockwise.json").is_file():

@@ -201,3 +201,25 @@ def test_the_heads_part_runs_what_validation_asks_for_next(tmp_path) -> None:
         [("resnet18", "bp", None, None, 1, "3e-3"), ("resnet18", "bp", None, None, 2, "3e-3")],
         [("resnet18", "sid", "spatial", 4, 0, "3e-2")],
     ]
+
+
+@pytest.mark.multiprocess
+def test_the_runs_asked_for_at_one_lr_share_calls(tmp_path) -> None:
+    """At an edge every cell asks for seed 0 one lr out: the runs go in as few calls as give
+    exactly them (so each call trains JOBS at a time), BP riding along with the first."""
+    out = tmp_path / "heads"
+    cells = {("bp", None, None): 0.6, ("greedy", "pool", 4): 0.5, ("greedy", "spatial", 4): 0.5,
+             ("greedy", "pool", 8): 0.5, ("greedy", "spatial", 8): 0.5,
+             ("sid", "pool", 4): 0.5, ("sid", "spatial", 8): 0.5}  # fmt: skip
+    for lr, shift in (("1e-3", 0.0), ("3e-3", 0.1)):  # every cell best at the top edge
+        rows(out / f"lr-{lr}", {key: v + shift for key, v in cells.items()})
+    r = planned(tmp_path, EPOCHS="100", PARTS="heads", HEADS_OUT=str(out), PYTHON=sys.executable,
+                HEAD_LRS="1e-3 3e-3", HEAD_LRS_BEYOND="1e-2")  # fmt: skip
+    assert r.returncode == 1 and "the lr search made no progress" in r.stderr
+    asked = [sorted(setting(o) for _, o in inv) for inv in planned_runs(r.stdout)[2:]]
+    greedy = [("resnet18", "greedy", h, k, 0, "1e-2") for h in ("pool", "spatial") for k in (4, 8)]
+    assert asked == [
+        sorted([("resnet18", "bp", None, None, 0, "1e-2"), *greedy]),  # a full grid + BP
+        [("resnet18", "sid", "pool", 4, 0, "1e-2")],  # not a grid with the next: its own call
+        [("resnet18", "sid", "spatial", 8, 0, "1e-2")],
+    ]

@@ -14,7 +14,8 @@ over those selection seeds; then, at the chosen lr and over every seed run there
 accuracy selected on validation and at the last epoch, and the gap to BP when each side uses
 its own chosen lr, paired by seed. A chosen lr at the edge of what was tried is marked
 "(edge)". The second: every paired difference (local − BP, SID − greedy per head, head −
-pool per method) with its per-seed values, a paired t-test and Holm's correction.
+pool per method) with its per-seed values, a paired t-test and Holm's correction. --plot DIR
+also draws, per model, each arm's accuracy against K at its own chosen lr, BP dashed.
 
 With --next: what the study should run next, one line per cell, `LR MODEL METHOD HEAD BLOCKS
 SEEDS` (HEAD and BLOCKS are '-' for BP; SEEDS as [a,b]). If the chosen lr is the largest (or
@@ -171,6 +172,41 @@ def paired_table(studies: dict[str, Path], base: list[str] | None = None) -> str
     return table(head_, body)
 
 
+def chosen_series(
+    studies: dict[str, Path], base: list[str] | None = None
+) -> dict[str, tuple[dict[str, tuple[list[float], list[list[float]]]], list[float]]]:
+    """Per model: each local arm's val-selected test accuracy against K, every seed run at the
+    arm's own chosen lr (x = K, per x the per-seed values), and BP's at its chosen lr."""
+    data = cells(studies)
+    chosen = choose(data, base if base is not None else by_value(list(studies)))
+    out: dict[str, tuple[dict, list[float]]] = {}
+    for key in sorted(chosen, key=lambda k: (k[0], k[1], k[2] or "", k[3] or 0)):
+        model, method, _, k = key
+        arms, bp = out.setdefault(model, ({}, []))
+        runs = [t for _, t, _ in data[key][chosen[key]].values()]
+        if method == "bp":
+            bp.extend(runs)
+            continue
+        xs, ys = arms.setdefault(label(key), ([], []))
+        xs.append(float(k))
+        ys.append(runs)
+    return out
+
+
+def plot(studies: dict[str, Path], base: list[str] | None, folder: Path) -> list[Path]:
+    """One figure per model: accuracy vs K per arm at its chosen lr, BP dashed."""
+    from sidpipe.bench.accuracy.plots import plot_lines  # matplotlib only when plotting
+
+    paths = []
+    for model, (arms, bp) in chosen_series(studies, base).items():
+        path = folder / f"accuracy_vs_k_{model}.png"
+        plot_lines(arms, path, "modules K", "test accuracy, val-selected (%)",
+                   f"{model}: each method at its own chosen lr (dashed: BP)",
+                   hlines={"BP": bp})  # fmt: skip
+        paths.append(path)
+    return paths
+
+
 def next_runs(
     studies: dict[str, Path],
     base: list[str],
@@ -248,6 +284,7 @@ def main(argv: list[str]) -> int:
     p.add_argument("--base", type=csv(str), help="lrs every cell must try before choosing")
     p.add_argument("--next", action="store_true", help="print the runs the study needs next")
     p.add_argument("--calls", action="store_true", help="with --next: as study calls")
+    p.add_argument("--plot", type=Path, metavar="DIR", help="also draw accuracy vs K into DIR")
     p.add_argument("--seeds", type=csv(int), default=[0, 1, 2])
     p.add_argument("--models", type=csv(str))
     p.add_argument("--blocks", type=csv(int))
@@ -278,6 +315,8 @@ def main(argv: list[str]) -> int:
         "over seeds, val-selected; Holm over each family of rows):\n"
     )
     print(paired_table(studies, base))
+    for path in plot(studies, base, args.plot) if args.plot else []:
+        print(f"\nplot: {path}")
     return 0
 
 

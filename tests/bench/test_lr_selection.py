@@ -162,3 +162,18 @@ def test_a_difference_without_spread_in_one_seed_has_no_test(tmp_path) -> None:
     a = study(tmp_path / "a", {("bp", None): (0.6, 0.6), ("sid", 4): (0.5, 0.5)}, seeds=(0,))
     lines = lr_selection.paired_table({"1e-3": a}).splitlines()
     assert lines[2].endswith("| -10.0 | – | – |")
+
+
+def test_the_plot_draws_each_arm_at_its_own_lr(tmp_path) -> None:
+    low = study(tmp_path / "low", {("bp", None): (0.60, 0.58), ("sid", 4): (0.50, 0.40),
+                                   ("sid", 8): (0.60, 0.30)})  # fmt: skip
+    high = study(tmp_path / "high", {("bp", None): (0.55, 0.62), ("sid", 4): (0.52, 0.45),
+                                     ("sid", 8): (0.50, 0.35)})  # fmt: skip
+    studies = {"1e-4": low, "1e-3": high}
+    arms, bp = lr_selection.chosen_series(studies)["vgg11"]
+    # SID K=4 chose 1e-3 (0.45, 0.46), K=8 chose 1e-4 (0.30, 0.31); BP chose 1e-4
+    assert arms == {"sid": ([4.0, 8.0], [[0.45, 0.46], [0.30, 0.31]])}
+    assert bp == [0.58, 0.59]
+    assert lr_selection.main(["1e-4=" + str(low), "1e-3=" + str(high), "--plot",
+                              str(tmp_path / "plots")]) == 0  # fmt: skip
+    assert (tmp_path / "plots" / "accuracy_vs_k_vgg11.png").stat().st_size > 1000

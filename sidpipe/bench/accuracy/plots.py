@@ -85,6 +85,9 @@ def plot_lines(
                 fontsize=7,
                 xycoords=("axes fraction", "data"),
             )
+    xs_all = sorted({x for xs, _ in series.values() for x in xs})
+    if xs_all and all(float(x).is_integer() for x in xs_all):  # counts (K): no 4.5 ticks
+        ax.set_xticks(xs_all)
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     _save(fig, ax, path, title, legend=bool(series))

@@ -7,7 +7,8 @@ Each argument is lr=folder of a `sidpipe accuracy` blockwise study (its blockwis
 folder not written yet has no runs). A cell is (model, method, head, blocks). Its lr is chosen
 by the best mean validation accuracy (each run's best epoch on validation) over the seeds it
 has at every lr it tried, and only once it has tried every lr of --base (default: every lr
-given); test accuracy never takes part in the choice.
+given); an exact tie goes to the better mean last-epoch validation, then the smaller lr;
+test accuracy never takes part in the choice.
 
 Without --next: two tables. The first: per lr, mean validation / val-selected test accuracy
 over those selection seeds; then, at the chosen lr and over every seed run there, the test
@@ -39,8 +40,8 @@ from typing import Any
 from sidpipe.bench.accuracy.stats import holm, paired_t_p, pct, table
 
 Cell = tuple[str, str, str | None, int | None]  # model, method, head (None: BP), blocks
-# (best validation, val-selected test, last-epoch test) of one run
-Scores = tuple[float, float, float]
+# (best validation, val-selected test, last-epoch test, last-epoch validation) of one run
+Scores = tuple[float, float, float, float]
 
 
 def cells(studies: dict[str, Path]) -> dict[Cell, dict[str, dict[int, Scores]]]:
@@ -60,6 +61,7 @@ def cells(studies: dict[str, Path]) -> dict[Cell, dict[str, dict[int, Scores]]]:
                 max(r["val_curve"]),
                 r["val_selected_test_accuracy"],
                 r.get("test_accuracy", r["val_selected_test_accuracy"]),
+                r["val_curve"][-1],
             )
     return out
 
@@ -76,8 +78,15 @@ def choose(data: dict[Cell, dict[str, dict[int, Scores]]], base: list[str]) -> d
     for key, per_lr in data.items():
         seeds = selection_seeds(per_lr)
         if all(lr in per_lr for lr in base) and seeds:
+            # validation is counted in 1/400ths here, so exact ties happen: they go to the
+            # better last-epoch validation, then the smaller lr, never to the argument order
             chosen[key] = max(
-                per_lr, key=lambda lr: statistics.fmean(per_lr[lr][s][0] for s in seeds)
+                per_lr,
+                key=lambda lr: (
+                    statistics.fmean(per_lr[lr][s][0] for s in seeds),
+                    statistics.fmean(per_lr[lr][s][3] for s in seeds),
+                    -float(lr),
+                ),
             )
     return chosen
 
@@ -110,8 +119,8 @@ def selection_table(studies: dict[str, Path], base: list[str] | None = None) -> 
         per_lr = []
         for lr in lrs:
             runs = [data[key][lr][s] for s in seeds] if lr in data[key] else []
-            val = f"{100 * statistics.fmean(v for v, _, _ in runs):.1f}" if runs else "–"
-            test = f"{100 * statistics.fmean(t for _, t, _ in runs):.1f}" if runs else "–"
+            val = f"{100 * statistics.fmean(r[0] for r in runs):.1f}" if runs else "–"
+            test = f"{100 * statistics.fmean(r[1] for r in runs):.1f}" if runs else "–"
             per_lr.append(f"{val} / {test}")
         mine = data[key][chosen[key]]
         gaps = ["–", "–"]
@@ -123,8 +132,8 @@ def selection_table(studies: dict[str, Path], base: list[str] | None = None) -> 
         edge = " (edge)" if at_edge(data[key], chosen[key]) else ""
         body.append([model, label(key), blocks or "–", *per_lr, chosen[key] + edge,
                      ",".join(str(s) for s in sorted(mine)),
-                     pct([t for _, t, _ in mine.values()]),
-                     pct([t for _, _, t in mine.values()]), *gaps])  # fmt: skip
+                     pct([r[1] for r in mine.values()]),
+                     pct([r[2] for r in mine.values()]), *gaps])  # fmt: skip
     return table(head, body)
 
 
@@ -183,7 +192,7 @@ def chosen_series(
     for key in sorted(chosen, key=lambda k: (k[0], k[1], k[2] or "", k[3] or 0)):
         model, method, _, k = key
         arms, bp = out.setdefault(model, ({}, []))
-        runs = [t for _, t, _ in data[key][chosen[key]].values()]
+        runs = [r[1] for r in data[key][chosen[key]].values()]
         if method == "bp":
             bp.extend(runs)
             continue

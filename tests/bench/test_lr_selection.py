@@ -177,3 +177,26 @@ def test_the_plot_draws_each_arm_at_its_own_lr(tmp_path) -> None:
     assert lr_selection.main(["1e-4=" + str(low), "1e-3=" + str(high), "--plot",
                               str(tmp_path / "plots")]) == 0  # fmt: skip
     assert (tmp_path / "plots" / "accuracy_vs_k_vgg11.png").stat().st_size > 1000
+
+
+def test_a_tie_on_validation_does_not_depend_on_the_argument_order(tmp_path) -> None:
+    """Validation accuracy comes in 1/400ths, so two lrs can tie exactly: the better last-epoch
+    validation decides, then the smaller lr; never which folder was named first."""
+
+    def one(name: str, best: float, last: float) -> Path:
+        folder = tmp_path / name
+        folder.mkdir()
+        row = {"status": "ran", "model": "vgg11", "method": "sid", "blocks": 4, "seed": 0,
+               "val_curve": [last, best, last], "val_selected_test_accuracy": 0.5,
+               "test_accuracy": 0.5}  # fmt: skip
+        (folder / "blockwise.json").write_text(json.dumps({"rows": [row]}))
+        return folder
+
+    a, b = one("a", 0.6175, 0.60), one("b", 0.6175, 0.61)
+    for order in ({"1e-3": a, "3e-3": b}, {"3e-3": b, "1e-3": a}):
+        assert lr_selection.choose(lr_selection.cells(order), ["1e-3", "3e-3"]) == {
+            ("vgg11", "sid", "pool", 4): "3e-3"}  # fmt: skip
+    c = one("c", 0.6175, 0.60)  # the same in every way as a: the smaller lr
+    for order in ({"1e-3": a, "1e-2": c}, {"1e-2": c, "1e-3": a}):
+        assert lr_selection.choose(lr_selection.cells(order), ["1e-3", "1e-2"]) == {
+            ("vgg11", "sid", "pool", 4): "1e-3"}  # fmt: skip

@@ -105,10 +105,17 @@ def label(key: Cell) -> str:
     return method if head in (None, "pool") else f"{method} ({head} head)"
 
 
-def selection_table(studies: dict[str, Path], base: list[str] | None = None) -> str:
+def cells_and_choices(
+    studies: dict[str, Path], base: list[str] | None
+) -> tuple[dict[Cell, dict[str, dict[int, Scores]]], dict[Cell, str]]:
+    """The study rows by cell and each cell's chosen lr (base None: every lr given)."""
     data = cells(studies)
+    return data, choose(data, base if base is not None else by_value(list(studies)))
+
+
+def selection_table(studies: dict[str, Path], base: list[str] | None = None) -> str:
     lrs = by_value(list(studies))
-    chosen = choose(data, base if base is not None else lrs)
+    data, chosen = cells_and_choices(studies, base)
     head = ["model", "method", "K", *[f"lr {lr}: val / test" for lr in lrs], "chosen lr",
             "seeds", "test at chosen lr (val-selected)", "(last epoch)",
             "− BP at BP's chosen lr (val-selected)", "(last epoch)"]  # fmt: skip
@@ -144,8 +151,7 @@ def paired_table(studies: dict[str, Path], base: list[str] | None = None) -> str
     values, the paired t-test's p (val-selected) and whether it survives Holm's correction
     over its family of rows at 0.05: the cells share seeds and the data split, so they are
     compared one by one and never pooled."""
-    data = cells(studies)
-    chosen = choose(data, base if base is not None else by_value(list(studies)))
+    data, chosen = cells_and_choices(studies, base)
     pairs: list[tuple[str, str, Any, str, Cell, Cell]] = []  # family, model, K, label, a, b
     for key in sorted(chosen, key=lambda k: (k[0], k[3] or 0, k[1], k[2] or "")):
         model, method, head, k = key
@@ -186,8 +192,7 @@ def chosen_series(
 ) -> dict[str, tuple[dict[str, tuple[list[float], list[list[float]]]], list[float]]]:
     """Per model: each local arm's val-selected test accuracy against K, every seed run at the
     arm's own chosen lr (x = K, per x the per-seed values), and BP's at its chosen lr."""
-    data = cells(studies)
-    chosen = choose(data, base if base is not None else by_value(list(studies)))
+    data, chosen = cells_and_choices(studies, base)
     out: dict[str, tuple[dict, list[float]]] = {}
     for key in sorted(chosen, key=lambda k: (k[0], k[1], k[2] or "", k[3] or 0)):
         model, method, _, k = key
